@@ -1,0 +1,261 @@
+"""What backchat needs to know about a host, read before anything changes.
+
+pyinfra reads facts in its prepare phase and keeps no cache, so each fact is one cheap
+command whose output a pure ``process`` turns into data (tested against fixed outputs).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shlex
+
+from pyinfra.api import FactBase
+
+# --- physical cores --------------------------------------------------------------
+
+# One line per item so the parser never depends on the host's locale or tool versions.
+_CORES_SCRIPT = r"""
+echo "online $(cat /sys/devices/system/cpu/online 2>/dev/null)"
+echo "allowed $(sed -n 's/^Cpus_allowed_list:[[:space:]]*//p' /proc/self/status)"
+for cpu in /sys/devices/system/cpu/cpu[0-9]*; do
+  [ -d "$cpu/topology" ] || continue
+  echo "cpu ${cpu##*/cpu} $(cat "$cpu/topology/physical_package_id" 2>/dev/null) $(cat "$cpu/topology/core_id" 2>/dev/null)"
+done
+cg=$(sed -n 's/^0:://p' /proc/self/cgroup 2>/dev/null)
+dir="/sys/fs/cgroup${cg%/}"
+while [ -n "$dir" ]; do
+  [ -r "$dir/cpu.max" ] && echo "quota $(cat "$dir/cpu.max")"
+  [ "$dir" = /sys/fs/cgroup ] && break
+  dir=${dir%/*}
+done
+if [ -r /sys/fs/cgroup/cpu/cpu.cfs_quota_us ]; then
+  echo "quota $(cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us) $(cat /sys/fs/cgroup/cpu/cpu.cfs_period_us)"
+fi
+echo "logical $(getconf _NPROCESSORS_ONLN 2>/dev/null || nproc)"
+"""
+
+
+def parse_cpu_list(text: str) -> set[int]:
+    """Kernel CPU list syntax: "0-3,8,10-11"."""
+    cpus: set[int] = set()
+    for part in text.replace(" ", "").split(","):
+        if not part:
+            continue
+        if "-" in part:
+            start, end = part.split("-", 1)
+            cpus.update(range(int(start), int(end) + 1))
+        else:
+            cpus.add(int(part))
+    return cpus
+
+
+def count_physical_cores(lines: list[str]) -> dict:
+    """Distinct (package, core) pairs among the CPUs this host lets us use.
+
+    llama.cpp runs best with one thread per physical core: SMT siblings share the
+    execution units, so counting logical CPUs oversubscribes them. A cgroup CPU quota
+    caps the result, since more threads than the quota only contend for time slices.
+    """
+    online: set[int] | None = None
+    allowed: set[int] | None = None
+    topology: dict[int, tuple[str, str]] = {}
+    quotas: list[float] = []
+    logical = 0
+    for line in lines:
+        key, _, rest = line.strip().partition(" ")
+        rest = rest.strip()
+        if key == "online" and rest:
+            online = parse_cpu_list(rest)
+        elif key == "allowed" and rest:
+            allowed = parse_cpu_list(rest)
+        elif key == "cpu":
+            fields = rest.split()
+            if len(fields) == 3:
+                topology[int(fields[0])] = (fields[1], fields[2])
+        elif key == "quota":
+            quota, _, period = rest.partition(" ")
+            if quota not in ("max", "-1", "") and period:
+                quotas.append(int(quota) / int(period))
+        elif key == "logical" and rest.isdigit():
+            logical = int(rest)
+
+    usable = set(topology) if topology else set()
+    if online is not None:
+        usable &= online
+    if allowed is not None:
+        usable &= allowed
+
+    if usable:
+        physical = len({topology[cpu] for cpu in usable})
+        source = "topology"
+    else:
+        # No topology exported (some VMs and containers): logical CPUs is the best we know.
+        physical = len(allowed) if allowed else max(logical, 1)
+        source = "logical"
+
+    quota_cpus = None
+    if quotas:
+        quota_cpus = max(1, math.ceil(min(quotas)))
+        if quota_cpus < physical:
+            physical = quota_cpus
+            source = "quota"
+
+    return {
+        "physical": max(physical, 1),
+        "logical": logical or len(usable) or physical,
+        "quota_cpus": quota_cpus,
+        "source": source,
+    }
+
+
+class PhysicalCores(FactBase):
+    """
+    Returns the physical cores this host may use, and how that was decided:
+
+    .. code:: python
+
+        {"physical": 8, "logical": 16, "quota_cpus": None, "source": "topology"}
+    """
+
+    def command(self) -> str:
+        return f"sh -c {shlex.quote(_CORES_SCRIPT)}"
+
+    def process(self, output):
+        return count_physical_cores(list(output))
+
+
+# --- memory and disk -------------------------------------------------------------
+
+
+class MemTotalMb(FactBase):
+    """Returns the host's total memory in MB (MemTotal of /proc/meminfo)."""
+
+    def command(self) -> str:
+        return "sed -n 's/^MemTotal:[[:space:]]*\\([0-9]*\\) kB/\\1/p' /proc/meminfo"
+
+    def process(self, output):
+        for line in output:
+            if line.strip().isdigit():
+                return int(line) // 1024
+        return None
+
+
+class FreeDiskBytes(FactBase):
+    """Returns free bytes on the filesystem that will hold ``path`` (which may not exist yet)."""
+
+    def command(self, path: str) -> str:
+        # Walk up to the nearest existing directory: on a fresh host the models dir is new.
+        return (
+            f"p={shlex.quote(path)}; while [ ! -d \"$p\" ]; do p=$(dirname \"$p\"); done; "
+            "df -P -k \"$p\" | tail -n 1"
+        )
+
+    def process(self, output):
+        for line in output:
+            fields = line.split()
+            if len(fields) >= 4 and fields[3].isdigit():
+                return int(fields[3]) * 1024
+        return None
+
+
+class InitSystem(FactBase):
+    """Returns the name of PID 1 (``systemd`` on a booted host; a shell or nothing in a chroot)."""
+
+    def command(self) -> str:
+        return "cat /proc/1/comm 2>/dev/null || true"
+
+    def process(self, output):
+        return output[0].strip() if output else ""
+
+
+class OsRelease(FactBase):
+    """Returns ID, VERSION_ID and VERSION_CODENAME from /etc/os-release, plus the dpkg architecture."""
+
+    def command(self) -> str:
+        return "cat /etc/os-release 2>/dev/null; echo ARCH=$(dpkg --print-architecture 2>/dev/null || uname -m)"
+
+    def process(self, output):
+        info = {}
+        for line in output:
+            key, sep, value = line.partition("=")
+            if sep:
+                info[key.strip()] = value.strip().strip('"')
+        return {
+            "id": info.get("ID", ""),
+            "version_id": info.get("VERSION_ID", ""),
+            "codename": info.get("VERSION_CODENAME", ""),
+            "pretty_name": info.get("PRETTY_NAME", ""),
+            "arch": info.get("ARCH", ""),
+        }
+
+
+# --- the model file --------------------------------------------------------------
+
+
+class ModelFile(FactBase):
+    """
+    Returns what is known of a model file without reading it: its size and mtime, the
+    verification marker written after its sha256 was last checked, and the size of any
+    partial download. Reading 4 GB to answer "is it there?" is what this avoids.
+    """
+
+    def command(self, path: str, marker: str) -> str:
+        path, marker, part = shlex.quote(path), shlex.quote(marker), shlex.quote(path + ".part")
+        return (
+            f"echo \"file $(stat -c '%s %Y' {path} 2>/dev/null)\"; "
+            f"echo \"part $(stat -c '%s' {part} 2>/dev/null)\"; "
+            f"echo \"marker $(cat {marker} 2>/dev/null | tr -d '\\n')\""
+        )
+
+    def process(self, output):
+        result = {"size": None, "mtime": None, "part_size": 0, "marker": None}
+        for line in output:
+            key, _, rest = line.partition(" ")
+            rest = rest.strip()
+            if key == "file" and rest:
+                size, mtime = rest.split()
+                result["size"], result["mtime"] = int(size), int(mtime)
+            elif key == "part" and rest.isdigit():
+                result["part_size"] = int(rest)
+            elif key == "marker" and rest:
+                try:
+                    result["marker"] = json.loads(rest)
+                except ValueError:
+                    result["marker"] = None
+        return result
+
+
+# --- the compose stack -----------------------------------------------------------
+
+
+class ComposeStack(FactBase):
+    """
+    Returns, per service, whether the running container matches the compose file on disk:
+    ``{"services": {"localai": {"want": hash, "have": hash, "state": "running"}}}``, or
+    ``None`` when Docker or the project is not there yet.
+    """
+
+    def command(self, project_dir: str, project: str) -> str:
+        project_dir, project = shlex.quote(project_dir), shlex.quote(project)
+        label = "com.docker.compose"
+        return (
+            "command -v docker >/dev/null 2>&1 || exit 0; "
+            f"[ -f {project_dir}/docker-compose.yaml ] || exit 0; "
+            f"docker compose --project-directory {project_dir} -p {project} config --hash '*' "
+            "2>/dev/null | sed 's/^/want /'; "
+            f"docker ps -a --filter label={label}.project={project} --format "
+            f"'have {{{{.Label \"{label}.service\"}}}} {{{{.Label \"{label}.config-hash\"}}}} "
+            "{{.State}}' 2>/dev/null; true"
+        )
+
+    def process(self, output):
+        services: dict[str, dict] = {}
+        for line in output:
+            fields = line.split()
+            if len(fields) == 3 and fields[0] == "want":
+                services.setdefault(fields[1], {})["want"] = fields[2]
+            elif len(fields) == 4 and fields[0] == "have":
+                entry = services.setdefault(fields[1], {})
+                entry["have"], entry["state"] = fields[2], fields[3]
+        return {"services": services} if services else None

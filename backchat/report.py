@@ -1,0 +1,79 @@
+"""One line per host at the end of every run, and the same as JSON for scripts.
+
+pyinfra prints per-operation results; a user wants to know, per host, whether it works and
+where to point the browser. Hosts that failed anywhere are named with why.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import sys
+from pathlib import Path
+
+from pyinfra.api.state import BaseStateCallback, StateStage
+
+_records: dict[str, dict] = {}
+_installed: dict[str, str | None] = {}
+
+
+def record(host_name: str, **fields) -> None:
+    entry = _records.setdefault(host_name, {})
+    if "failure" in fields and entry.get("failure"):
+        fields.pop("failure")  # the first cause is the one worth reading
+    entry.update(fields)
+
+
+class _FailureCallbacks(BaseStateCallback):
+    @staticmethod
+    def operation_host_error(state, host, op_hash, retry_count=0, max_retries=0):
+        names = ", ".join(state.get_op_meta(op_hash).names) or "an operation"
+        record(host.name, failure=f"failed at: {names}")
+
+
+def install(state, report_path: str | None) -> None:
+    """Register the end-of-run report once per run (deploy.py runs once per host)."""
+    if "state" in _installed:
+        return
+    _installed["state"] = "yes"
+    _installed["path"] = report_path
+    state.add_callback_handler(_FailureCallbacks())
+    atexit.register(_print_at_exit, state)
+
+
+def rows(state) -> list[dict]:
+    result = []
+    failed = {host.name for host in getattr(state, "failed_hosts", set())}
+    for host in state.inventory:
+        entry = dict(_records.get(host.name, {}))
+        entry["host"] = host.name
+        if host.name in failed and not entry.get("failure"):
+            entry["failure"] = "could not connect or failed (see pyinfra's error above)"
+        entry["result"] = "FAILED" if entry.get("failure") or entry.get("verify") == "fail" else (
+            "ok" if entry.get("verify") == "pass" else entry.get("verify", "not verified")
+        )
+        result.append(entry)
+    return result
+
+
+def format_table(entries: list[dict]) -> str:
+    columns = ["host", "result", "backends", "model_id", "gui_url", "ai_server_url", "seconds"]
+    table = [columns] + [[str(entry.get(column, "") or "") for column in columns] for entry in entries]
+    widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in table]
+    for entry in entries:
+        for key in ("failure", "detail"):
+            if entry.get(key):
+                lines.append(f"  {entry['host']}: {entry[key]}")
+    return "\n".join(lines)
+
+
+def _print_at_exit(state) -> None:
+    if getattr(state, "current_stage", None) != StateStage.Disconnect:
+        return  # --dry or a run stopped before executing: nothing to report
+    entries = rows(state)
+    print("\n--> Backchat report:\n" + format_table(entries), file=sys.stderr)
+    path = _installed.get("path")
+    if path:
+        Path(path).write_text(json.dumps(entries, indent=2, sort_keys=True) + "\n")
+        print(f"    (also written to {path})", file=sys.stderr)

@@ -1,0 +1,145 @@
+"""Steps 3 and 4: thread count from the physical cores, then the compose stack.
+
+The files are rendered on the controller (pure functions, unit-tested) and put on the host;
+``compose up`` runs only when a file changed or a container does not match its file, so a
+re-run touches no container.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import jinja2
+from pyinfra import host
+from pyinfra.api import StringCommand, QuoteString, operation
+from pyinfra.operations import files
+
+from backchat.facts import ComposeStack, PhysicalCores
+from backchat.settings import Settings
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+PROJECT = "backchat"
+# Container-side API port of each backend, and the host port setting that maps to it.
+BACKEND_PORTS = {"localai": ("localai_port", 8080), "llamacpp": ("localai_port", 8080), "textgen": ("textgen_api_port", 5000)}
+
+_jinja = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+    undefined=jinja2.StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+    keep_trailing_newline=True,
+)
+
+
+def thread_count(cfg: Settings, cores: dict) -> int:
+    """The ``threads`` setting if given, else one per physical core the host may use."""
+    return cfg.threads or cores["physical"]
+
+
+def chat_backend_service(cfg: Settings) -> str:
+    # Chatbot UI talks to the chosen backend; with frontend = textgen it isn't started.
+    return cfg.backend
+
+
+def textgen_args(cfg: Settings, threads: int) -> str:
+    """Text Gen WebUI's launch flags (the image word-splits EXTRA_LAUNCH_ARGS)."""
+    args = [
+        "--listen", "--api", "--api-port", "5000",
+        "--model", cfg.model_id, "--loader", "llama.cpp",
+        "--threads", str(threads), "--threads-batch", str(threads),
+        "--ctx-size", str(cfg.context_size), "--gpu-layers", "0",
+    ]
+    if cfg.api_key:
+        args += ["--api-key", "${BACKCHAT_API_KEY:?BACKCHAT_API_KEY missing from .env}"]
+    return " ".join(args)
+
+
+def render(template: str, cfg: Settings, threads: int) -> str:
+    backend = chat_backend_service(cfg)
+    return _jinja.get_template(template).render(
+        cfg=cfg,
+        threads=threads,
+        textgen_args=textgen_args(cfg, threads),
+        chat_backend_service=backend,
+        chat_api_host=f"http://{backend}:{BACKEND_PORTS[backend][1]}",
+    )
+
+
+def rendered_files(cfg: Settings, threads: int) -> dict[str, tuple[str, str]]:
+    """Host path -> (content, mode) of every file the stack needs."""
+    result = {
+        f"{cfg.stack_dir}/docker-compose.yaml": (render("docker-compose.yaml.j2", cfg, threads), "0644"),
+        f"{cfg.stack_dir}/.env": (render("env.j2", cfg, threads), "0600"),
+    }
+    if "localai" in cfg.services:
+        result[f"{cfg.models_dir}/{cfg.model_id}.yaml"] = (
+            render("localai-model.yaml.j2", cfg, threads),
+            "0644",
+        )
+    return result
+
+
+def tune() -> dict:
+    """The host's physical cores (the fact the thread knobs are set from)."""
+    return host.get_fact(PhysicalCores)
+
+
+def write_and_start(cfg: Settings, threads: int) -> None:
+    files.directory(name="Create the stack directory", path=cfg.stack_dir, mode="0755")
+    files.directory(name="Create the models directory", path=cfg.models_dir, mode="0755")
+    changed = {}
+    for path, (content, mode) in rendered_files(cfg, threads).items():
+        put = files.put(
+            name=f"Write {Path(path).name}",
+            src=io.StringIO(content),
+            dest=path,
+            mode=mode,
+        )
+        changed[path] = put.will_change
+
+    if not cfg.start:
+        host.noop("start = False: the stack is written but not started")
+        return
+    compose_up(
+        name="Start the stack (docker compose up -d)",
+        project_dir=cfg.stack_dir,
+        services=list(cfg.services),
+        files_changed=any(changed.values()),
+        # LocalAI reads its model config at start; compose cannot see that file change.
+        restart=["localai"] if changed.get(f"{cfg.models_dir}/{cfg.model_id}.yaml") else [],
+    )
+
+
+def out_of_date(stack: dict | None, services: list[str]) -> list[str]:
+    """Services whose container is missing, stopped, or built from another compose file."""
+    known = (stack or {}).get("services", {})
+    stale = []
+    for name in services:
+        entry = known.get(name, {})
+        if not entry.get("have") or entry.get("have") != entry.get("want") or entry.get("state") != "running":
+            stale.append(name)
+    return stale
+
+
+@operation(is_idempotent=False)
+def compose_up(
+    project_dir: str, services: list[str], files_changed: bool = False, restart: list[str] | None = None
+):
+    """
+    Pull missing images and bring the stack up, only when something differs.
+
+    + project_dir: directory holding docker-compose.yaml and .env
+    + services: the services that must be running
+    + files_changed: a compose input was rewritten in this run
+    + restart: services to restart because a file they read at start changed
+    """
+    stale = out_of_date(host.get_fact(ComposeStack, project_dir=project_dir, project=PROJECT), services)
+    if not stale and not files_changed:
+        host.noop(f"stack up to date: {', '.join(services)} running")
+        return
+    base = ["docker", "compose", "--project-directory", QuoteString(project_dir), "-p", PROJECT]
+    yield StringCommand(*base, "pull", "--quiet", "--ignore-pull-failures")
+    yield StringCommand(*base, "up", "-d", "--remove-orphans", "--wait", "--wait-timeout", "1800")
+    if restart:
+        yield StringCommand(*base, "restart", *restart)

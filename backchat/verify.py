@@ -1,0 +1,195 @@
+"""Step 6: from the controller, every running backend lists the model in /v1/models.
+
+What a user would poke by hand, with backoff until ``verify_timeout``, and a failure that
+names its likely cause. Runs at execution time as an operation that changes nothing when
+the check passes and fails only its own host when it does not.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import httpx
+from pyinfra import host, logger
+from pyinfra.api import FunctionCommand, operation
+from pyinfra.context import state as current_state
+
+from backchat import report
+from backchat.backstage import api_urls, gui_url, public_address
+from backchat.settings import Settings
+
+QUESTION = "Who was the president of the United States in 1997?"
+
+
+@dataclass
+class Result:
+    service: str
+    url: str
+    ok: bool
+    seconds: float
+    model_ids: list[str] = field(default_factory=list)
+    detail: str = ""
+
+
+def _auth(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def _diagnose(response: httpx.Response | None, error: Exception | None, model_id: str) -> tuple[bool, str, list[str]]:
+    """(model listed?, likely cause, ids seen) for one attempt."""
+    if error is not None:
+        if isinstance(error, httpx.ConnectError):
+            return False, "connection refused: the service is not up (or not on this port)", []
+        if isinstance(error, httpx.TimeoutException):
+            return False, "no answer in time: the service is busy or still starting", []
+        return False, f"request failed: {error.__class__.__name__}: {error}", []
+    assert response is not None
+    if response.status_code == 404:
+        return False, "404 Not Found: wrong port or path (is this an OpenAI-compatible API?)", []
+    if response.status_code in (401, 403):
+        return False, f"{response.status_code}: the API key was refused or is missing", []
+    if response.status_code == 503:
+        return False, "503: the server is still loading", []
+    if response.status_code != 200:
+        return False, f"HTTP {response.status_code}", []
+    try:
+        ids = [item.get("id") for item in response.json().get("data", [])]
+    except (ValueError, AttributeError):
+        return False, "the answer is not an OpenAI model list", []
+    if model_id in ids:
+        return True, "", ids
+    if not ids:
+        return False, "the model list is empty: no model loaded (Text Gen WebUI without --model?)", ids
+    return False, f"listed {ids}, not {model_id!r}: Chatbot UI will show no model", ids
+
+
+def wait_for_model(
+    service: str, base_url: str, model_id: str, api_key: str | None, timeout: float
+) -> Result:
+    """Poll ``{base_url}/v1/models`` with backoff until ``model_id`` is listed or time is up."""
+    start = time.monotonic()
+    delay = 1.0
+    detail = ""
+    ids: list[str] = []
+    with httpx.Client(timeout=10.0, headers=_auth(api_key)) as client:
+        while True:
+            response = error = None
+            try:
+                response = client.get(f"{base_url}/v1/models")
+            except httpx.HTTPError as exc:
+                error = exc
+            ok, detail, ids = _diagnose(response, error, model_id)
+            elapsed = time.monotonic() - start
+            if ok:
+                return Result(service, base_url, True, round(elapsed, 1), ids)
+            if elapsed + delay > timeout:
+                return Result(service, base_url, False, round(elapsed, 1), ids, f"{detail} (gave up after {elapsed:.0f}s)")
+            time.sleep(delay)
+            delay = min(delay * 2, 15.0)
+
+
+def key_is_enforced(base_url: str) -> str | None:
+    """With an API key set, a request without it must be refused. None if it is."""
+    try:
+        response = httpx.post(
+            f"{base_url}/v1/chat/completions",
+            json={"model": "x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1},
+            timeout=30.0,
+        )
+    except httpx.HTTPError as error:
+        return f"could not check the API key: {error.__class__.__name__}"
+    if response.status_code in (401, 403):
+        return None
+    return f"a request without the API key got HTTP {response.status_code}: the key is not enforced"
+
+
+def ask(base_url: str, model_id: str, api_key: str | None, timeout: float) -> tuple[str, float]:
+    """One chat completion: (first line of the answer, seconds it took)."""
+    start = time.monotonic()
+    response = httpx.post(
+        f"{base_url}/v1/chat/completions",
+        headers=_auth(api_key),
+        json={"model": model_id, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 64},
+        timeout=timeout,
+    )
+    response.raise_for_status()
+    content = response.json()["choices"][0]["message"]["content"]
+    if not isinstance(content, str):
+        raise ValueError("the completion has no text content")
+    first_line = content.strip().splitlines()[0] if content.strip() else "(empty answer)"
+    return first_line, round(time.monotonic() - start, 1)
+
+
+def connect_address() -> str:
+    """Where the controller reaches this host: its SSH address, or loopback for @local."""
+    address = host.data.get("ssh_hostname") or host.name
+    return "127.0.0.1" if address.startswith("@") else address
+
+
+def check_all(cfg: Settings, address: str) -> list[Result]:
+    results = []
+    for service, url in api_urls(cfg, address).items():
+        result = wait_for_model(service, url, cfg.model_id, cfg.api_key, cfg.verify_timeout)
+        if result.ok and cfg.api_key:
+            problem = key_is_enforced(url)
+            if problem:
+                result.ok, result.detail = False, problem
+        if result.ok and cfg.verify_chat:
+            try:
+                answer, seconds = ask(url, cfg.model_id, cfg.api_key, cfg.chat_timeout)
+                result.detail = f"answered in {seconds}s: {answer}"
+            except (httpx.HTTPError, ValueError, KeyError, IndexError) as error:
+                result.ok, result.detail = False, f"chat failed: {error.__class__.__name__}: {error}"
+        results.append(result)
+    return results
+
+
+def _report_results(state, host, cfg: Settings, results: list[Result]) -> bool:
+    for result in results:
+        line = f"{result.service} {result.url}/v1/models: " + (
+            f"lists {cfg.model_id} ({result.seconds}s)" if result.ok else result.detail
+        )
+        host.log_styled(line, fg="green" if result.ok else "red", log_func=logger.info if result.ok else logger.error)
+    return all(result.ok for result in results)
+
+
+@operation(is_idempotent=False)
+def backends(cfg: Settings):
+    """
+    Check, from the controller, that every running backend lists ``model_id``.
+
+    + cfg: the host's settings (ports, model id, API key, timeouts)
+    """
+    address = public_address(cfg)
+    entry = {
+        "backends": ",".join(api_urls(cfg, address)),
+        "model_id": cfg.model_id,
+        "gui_url": gui_url(cfg, address),
+        "ai_server_url": gui_url(cfg, address),
+    }
+    if not cfg.start or cfg.verify_timeout == 0:
+        report.record(host.name, verify="not started" if not cfg.start else "skipped", **entry)
+        host.noop("verify skipped: " + ("start = False" if not cfg.start else "verify_timeout = 0"))
+        return
+    if not current_state.is_executing:
+        host.noop(f"will check /v1/models on {', '.join(api_urls(cfg, connect_address()).values())}")
+        return
+
+    started = time.monotonic()
+    results = check_all(cfg, connect_address())
+    ok = all(result.ok for result in results)
+    report.record(
+        host.name,
+        verify="pass" if ok else "fail",
+        seconds=round(time.monotonic() - started, 1),
+        detail="; ".join(f"{r.service}: {r.detail}" for r in results if r.detail),
+        **entry,
+    )
+    if ok:
+        _report_results(None, host, cfg, results)
+        host.noop(f"every backend lists {cfg.model_id}")
+        return
+    # Failing needs a command; it only runs when the check failed, so a passing re-run
+    # still reports no change.
+    yield FunctionCommand(_report_results, (cfg, results), {})

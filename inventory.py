@@ -1,0 +1,19 @@
+"""Which hosts to deploy to. Each list is a group; group_data/<group>.py holds its settings.
+
+With nothing listed here (and BACKCHAT_HOSTS unset) the deploy targets the machine you run
+it on (@local), after pyinfra shows the plan and asks to go ahead.
+"""
+
+import os
+
+# One or more single machines, by SSH name or address: ["ai-01.example.com"].
+workstations = []
+
+# A lab fleet. BACKCHAT_HOSTS="ai-01,ai-02,ai-03" fills it without editing this file.
+lab = [name for name in os.environ.get("BACKCHAT_HOSTS", "").split(",") if name]
+
+# The Vagrant test box (see Vagrantfile): BACKCHAT_VAGRANT=1 targets it via `vagrant ssh-config`.
+vagrant = ["@vagrant/default"] if os.environ.get("BACKCHAT_VAGRANT") else []
+
+if not (workstations or lab or vagrant):
+    workstations = ["@local"]

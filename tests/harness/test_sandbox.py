@@ -1,0 +1,111 @@
+"""The sandbox harness gives real Debian hosts over SSH, and leaves nothing behind."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.harness import sandbox
+from tests.harness.sandbox import GATEWAY, SandboxHost, sandbox_hosts
+
+pytestmark = pytest.mark.realhost
+
+SUITES = ["bookworm", "trixie"]
+
+
+def ssh(host: SandboxHost, *argv: str) -> str:
+    return subprocess.run(
+        host.ssh_command(*argv), capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+
+
+def netns_names() -> set[str]:
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+def test_hosts_over_ssh_http_and_pyinfra_then_nothing_left(tmp_path: Path) -> None:
+    with sandbox_hosts(SUITES) as hosts:
+        names = [h.name for h in hosts]
+        roots = [h.root for h in hosts]
+        assert len({h.address for h in hosts}) == 2
+
+        for host in hosts:
+            release = ssh(host, "cat", "/etc/os-release")
+            assert f"VERSION_CODENAME={host.suite}" in release.splitlines()
+
+        # A host reaches a server the test binds on the gateway.
+        (tmp_path / "hello.txt").write_text("hello from the controller\n")
+        handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=tmp_path)
+        server = http.server.ThreadingHTTPServer((GATEWAY, 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        try:
+            url = f"http://{GATEWAY}:{server.server_address[1]}/hello.txt"
+            for host in hosts:
+                assert host.run(f"curl -fsS {url}").stdout == "hello from the controller\n"
+        finally:
+            server.shutdown()
+            server.server_close()
+
+        # pyinfra's own CLI connects to both with the data the harness hands out.
+        inventory = tmp_path / "inventory.py"
+        inventory.write_text(f"hosts = {[(h.name, h.pyinfra_data()) for h in hosts]!r}\n")
+        result = subprocess.run(
+            [sys.executable, "-m", "pyinfra", "--yes", str(inventory), "exec", "--", "uname -a"],
+            capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        )  # fmt: skip
+        output = result.stdout + result.stderr
+        assert result.returncode == 0, output
+        for host in hosts:  # e.g. "[trixie-1]   Linux trixie-1 6.1.0 ..."
+            assert re.search(rf"^\[{host.name}\] +Linux {host.name} ", output, re.M), output
+
+    assert not {f"bc-{name}" for name in names} & netns_names()
+    mounts = Path("/proc/mounts").read_text()
+    for root in roots:
+        assert f"{root.parent}/" not in mounts
+        assert not root.parent.exists()
+    if sandbox._network.users == 0:  # no other test's hosts alive: the bridge must be gone
+        assert not {n for n in netns_names() if n.startswith("bc-")}
+        link = subprocess.run(["ip", "link", "show", sandbox.BRIDGE], capture_output=True)
+        assert link.returncode != 0
+
+
+def test_teardown_runs_when_the_test_raises() -> None:
+    with pytest.raises(RuntimeError, match="boom"):
+        with sandbox_hosts(["bookworm"], names=["doomed"]) as [host]:
+            host.run("sleep 600 >/dev/null 2>&1 &")  # a straggler holding the root busy
+            raise RuntimeError("boom")
+    assert "bc-doomed" not in netns_names()
+    assert "/doomed/" not in Path("/proc/mounts").read_text()
+    assert not (sandbox.HOSTS_DIR / "doomed").exists()
+
+
+def test_sshd_stop_start_and_latency_proxy(sandbox_factory) -> None:
+    [host] = sandbox_factory(["trixie"])
+    host.stop_sshd()
+    refused = subprocess.run(host.ssh_command("true"), capture_output=True, timeout=30)
+    assert refused.returncode == 255
+    host.start_sshd()
+    assert ssh(host, "echo", "back") == "back\n"
+
+    port = host.ssh_proxy_with_latency(100)
+    argv = host.ssh_command("true")
+    argv[argv.index(f"root@{host.address}")] = "root@127.0.0.1"
+    started = time.monotonic()
+    subprocess.run([*argv[:1], "-p", str(port), *argv[1:]], check=True, timeout=60)
+    # An SSH login is several round trips, each now at least 200 ms.
+    assert time.monotonic() - started > 0.8
+
+
+def test_apt_install_through_the_gateway_proxy(sandbox_factory) -> None:
+    for host in sandbox_factory(SUITES):
+        host.run("apt-get update -q && apt-get install -y -q --no-install-recommends hello")
+        assert host.run("hello").stdout == "Hello, world!\n"

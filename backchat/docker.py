@@ -17,9 +17,11 @@ DOCKER_CE_PACKAGES = [
     "docker-compose-plugin",
 ]
 # The distribution's names for the same engine + compose v2. Debian 13 packages compose
-# v2 as docker-compose (it installs the CLI plugin); Ubuntu calls it docker-compose-v2.
+# v2 as docker-compose (it installs the CLI plugin) and the CLI as docker-cli, a mere
+# Recommends of docker.io; Ubuntu 22.04/24.04 ship the CLI in docker.io and call compose
+# v2 docker-compose-v2.
 DISTRIBUTION_PACKAGES = {
-    "debian": ["docker.io", "docker-compose"],
+    "debian": ["docker.io", "docker-cli", "docker-compose"],
     "ubuntu": ["docker.io", "docker-compose-v2"],
 }
 # Installed by other recipes and in the way of docker-ce (same files, other versions).

@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import runpy
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -36,7 +36,8 @@ _IMAGE = re.compile(r"^[a-z0-9][a-z0-9._/:-]*(@sha256:[0-9a-f]{64})?$")
 _HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$")
 _URL = re.compile(r"^https?://[A-Za-z0-9.:\[\]-]+(/[A-Za-z0-9._~/-]*)?$")
 _USER = re.compile(r"^[a-z_][a-z0-9_-]*$")
-_SECRET = re.compile(r"^[\x21-\x7e]{8,256}$")
+# Keys end up in .env and in an argument list the Text Gen WebUI image evals: no quoting.
+_SECRET = re.compile(r"^[A-Za-z0-9._~+/=-]{8,256}$")
 
 
 class SettingsError(PyinfraError):
@@ -76,7 +77,7 @@ class Settings:
     chatbot_ui_image: str
     textgen_image: str
     llamacpp_image: str
-    api_key: str | None
+    api_key: str | None = field(repr=False)  # a secret: kept out of logs and plans
     start: bool
     backstage_app_dir: str
     public_address: str | None
@@ -175,7 +176,7 @@ def _secret(value: Any) -> str | None:
     if not isinstance(value, str) or not _SECRET.match(value):
         # Never echo the value: it is a secret.
         raise _Invalid(
-            "must be 8 to 256 printable characters without spaces",
+            "must be 8 to 256 letters, digits or ._~+/=-",
             "generate one with: openssl rand -hex 24",
         )
     return value

@@ -87,7 +87,6 @@ def tune() -> dict:
 
 def write_and_start(cfg: Settings, threads: int) -> None:
     files.directory(name="Create the stack directory", path=cfg.stack_dir, mode="0755")
-    files.directory(name="Create the models directory", path=cfg.models_dir, mode="0755")
     changed = {}
     for path, (content, mode) in rendered_files(cfg, threads).items():
         put = files.put(

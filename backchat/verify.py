@@ -169,7 +169,11 @@ def backends(cfg: Settings):
         "ai_server_url": gui_url(cfg, address),
     }
     if not cfg.start or cfg.verify_timeout == 0:
-        report.record(host.name, verify="not started" if not cfg.start else "skipped", **entry)
+        report.record(
+            host.name,
+            verify="installed, not started (start = False)" if not cfg.start else "not verified (verify_timeout = 0)",
+            **entry,
+        )
         host.noop("verify skipped: " + ("start = False" if not cfg.start else "verify_timeout = 0"))
         return
     if not current_state.is_executing:

@@ -1,0 +1,49 @@
+"""Run the deploy the way a user does: the pyinfra CLI, from the project directory."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class DeployRun:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def results(self) -> dict:
+        """pyinfra's --json results: operations with success (changed) / no_change / error hosts."""
+        return json.loads(self.stdout)["results"]
+
+    def changed_ops(self, host: str | None = None) -> list[str]:
+        return [
+            op["name"]
+            for op in self.results["operations"]
+            if (host in op["success"] if host else op["success"])
+        ]
+
+    def __str__(self) -> str:
+        return f"exit {self.returncode}\n--- stderr ---\n{self.stderr[-6000:]}"
+
+
+def write_inventory(path: Path, hosts: dict[str, dict], group: str = "lab") -> Path:
+    """An inventory file listing ``hosts`` (name -> host data) in one group."""
+    path.write_text(f"{group} = {list(hosts.items())!r}\n")
+    return path
+
+
+def run_deploy(inventory: Path, *data: str, limit: str | None = None, timeout: int = 1800, env=None) -> DeployRun:
+    args = [sys.executable, "-m", "pyinfra", "-y", "--json", str(inventory), "deploy.py"]
+    for item in data:
+        args += ["--data", item]
+    if limit:
+        args += ["--limit", limit]
+    done = subprocess.run(args, cwd=PROJECT, capture_output=True, text=True, timeout=timeout, env=env)
+    return DeployRun(done.returncode, done.stdout, done.stderr)

@@ -1,0 +1,136 @@
+"""The physical-core fact and the other facts' parsers, on fixed outputs and on this machine."""
+
+import subprocess
+
+import psutil
+import pytest
+
+from backchat.facts import (
+    ComposeStack,
+    FreeDiskBytes,
+    MemTotalMb,
+    ModelFile,
+    OsRelease,
+    PhysicalCores,
+    count_physical_cores,
+    parse_cpu_list,
+)
+
+
+def topology(pairs, online=None, allowed=None, quotas=(), logical=None):
+    """Fact output for CPUs given as (package, core) pairs, CPU number = list index."""
+    lines = []
+    if online is not None:
+        lines.append(f"online {online}")
+    if allowed is not None:
+        lines.append(f"allowed {allowed}")
+    lines += [f"cpu {cpu} {package} {core}" for cpu, (package, core) in enumerate(pairs)]
+    lines += [f"quota {quota}" for quota in quotas]
+    lines.append(f"logical {logical if logical is not None else len(pairs)}")
+    return lines
+
+
+# 4 cores with SMT: siblings are cpu N and N+4, as Linux numbers them on x86.
+SMT_4C8T = [(0, core) for core in range(4)] * 2
+TWO_SOCKETS = [(package, core) for package in (0, 1) for core in range(4)] * 2
+
+
+@pytest.mark.parametrize(
+    "lines, physical, source",
+    [
+        (topology(SMT_4C8T, online="0-7", allowed="0-7"), 4, "topology"),
+        (topology([(0, c) for c in range(4)], online="0-3", allowed="0-3"), 4, "topology"),  # SMT off
+        (topology(TWO_SOCKETS, online="0-15", allowed="0-15"), 8, "topology"),  # core ids repeat per socket
+        (topology(SMT_4C8T, online="0-2,4-6", allowed="0-7"), 3, "topology"),  # cpu 3 and 7 offline
+        (topology(SMT_4C8T, online="0-7", allowed="0,4"), 1, "topology"),  # pinned to one core's threads
+        (topology(SMT_4C8T, online="0-7", allowed="0-7", quotas=["200000 100000"]), 2, "quota"),
+        (topology(SMT_4C8T, online="0-7", allowed="0-7", quotas=["150000 100000"]), 2, "quota"),  # 1.5 -> 2
+        (topology(SMT_4C8T, online="0-7", allowed="0-7", quotas=["max 100000"]), 4, "topology"),
+        # The tightest quota along the cgroup path wins.
+        (topology(SMT_4C8T, online="0-7", quotas=["max 100000", "100000 100000"]), 1, "quota"),
+        (topology(SMT_4C8T, online="0-7", quotas=["-1 100000"]), 4, "topology"),  # cgroup v1: no limit
+        # A quota above the core count changes nothing.
+        (topology(SMT_4C8T, online="0-7", quotas=["1600000 100000"]), 4, "topology"),
+        # No topology exported: fall back to the CPUs we may use.
+        (["online 0-5", "allowed 0-5", "logical 6"], 6, "logical"),
+        (["logical 3"], 3, "logical"),
+    ],
+)
+def test_core_count_table(lines, physical, source):
+    result = count_physical_cores(lines)
+    assert (result["physical"], result["source"]) == (physical, source)
+
+
+def test_logical_count_is_reported_too():
+    result = count_physical_cores(topology(SMT_4C8T, online="0-7", allowed="0-7"))
+    assert result["logical"] == 8 and result["quota_cpus"] is None
+
+
+def test_cpu_list_syntax():
+    assert parse_cpu_list("0-3,8,10-11") == {0, 1, 2, 3, 8, 10, 11}
+    assert parse_cpu_list("") == set()
+
+
+def run_fact_here(fact, **kwargs):
+    """Run a fact's real command on this machine and feed its output to its parser."""
+    output = subprocess.run(fact.command(**kwargs), shell=True, capture_output=True, text=True, check=True)
+    return fact.process(output.stdout.splitlines())
+
+
+def test_core_fact_matches_psutil_on_this_machine():
+    result = run_fact_here(PhysicalCores())
+    expected = psutil.cpu_count(logical=False)
+    affinity = len(psutil.Process().cpu_affinity())
+    assert result["physical"] == min(expected, affinity), result
+
+
+def test_memory_and_disk_facts_on_this_machine(tmp_path):
+    memory = run_fact_here(MemTotalMb())
+    assert abs(memory - psutil.virtual_memory().total // 2**20) <= 1
+    # A path that does not exist yet is measured on its nearest existing parent.
+    free = run_fact_here(FreeDiskBytes(), path=str(tmp_path / "not" / "yet"))
+    assert abs(free - psutil.disk_usage(str(tmp_path)).free) < 64 * 2**20
+
+
+def test_os_release_parser():
+    lines = ['PRETTY_NAME="Debian GNU/Linux 13 (trixie)"', 'ID=debian', 'VERSION_ID="13"', "VERSION_CODENAME=trixie", "ARCH=amd64"]
+    assert OsRelease().process(lines) == {
+        "id": "debian", "version_id": "13", "codename": "trixie",
+        "pretty_name": "Debian GNU/Linux 13 (trixie)", "arch": "amd64",
+    }
+
+
+def test_model_file_fact_on_this_machine(tmp_path):
+    model = tmp_path / "m.gguf"
+    marker = tmp_path / ".m.gguf.verified"
+    assert run_fact_here(ModelFile(), path=str(model), marker=str(marker)) == {
+        "size": None, "mtime": None, "part_size": 0, "marker": None,
+    }
+    model.write_bytes(b"x" * 10)
+    (tmp_path / "m.gguf.part").write_bytes(b"y" * 3)
+    marker.write_text('{"sha256": "ab", "size": 10, "mtime": 5}\n')
+    state = run_fact_here(ModelFile(), path=str(model), marker=str(marker))
+    assert state["size"] == 10 and state["part_size"] == 3
+    assert state["marker"] == {"sha256": "ab", "size": 10, "mtime": 5}
+    assert state["mtime"] == int(model.stat().st_mtime)
+
+
+def test_model_file_fact_quotes_paths(tmp_path):
+    # Settings forbid such names; the fact quotes them anyway.
+    evil = tmp_path / "a b;touch pwned"
+    run_fact_here(ModelFile(), path=str(evil), marker=str(evil) + ".m")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_compose_stack_parser():
+    lines = [
+        "want localai aaa", "want chatbot-ui bbb",
+        "have localai aaa running", "have chatbot-ui old exited",
+    ]
+    assert ComposeStack().process(lines) == {
+        "services": {
+            "localai": {"want": "aaa", "have": "aaa", "state": "running"},
+            "chatbot-ui": {"want": "bbb", "have": "old", "state": "exited"},
+        }
+    }
+    assert ComposeStack().process([]) is None

@@ -1,0 +1,143 @@
+"""The deploy applied by the pyinfra CLI over SSH to real Debian 12 and 13 roots.
+
+Each host is a debootstrap root with its own sshd in its own network namespace (see
+tests/harness/sandbox.py). No systemd runs there, so these runs use start = False; the
+VM test starts the stack for real. The model comes from a local endpoint that speaks the
+Hugging Face Hub's protocol, serving a small GGUF file made by the test.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+import pytest
+import yaml
+
+from tests.deploy_runner import run_deploy, write_inventory
+from tests.harness.hub import FakeHub
+from tests.harness.sandbox import GATEWAY
+from tests.harness.tiny_gguf import write_tiny_gguf
+
+pytestmark = pytest.mark.realhost
+
+REPO, MODEL = "test/tiny-GGUF", "tiny.gguf"
+
+
+@pytest.fixture(scope="module")
+def model_bytes(tmp_path_factory):
+    return write_tiny_gguf(tmp_path_factory.mktemp("model") / MODEL).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def hub(model_bytes):
+    with FakeHub(bind=GATEWAY) as hub:
+        hub.commit = hub.add_file(REPO, MODEL, model_bytes)
+        yield hub
+
+
+def deploy_data(hub, **overrides) -> list[str]:
+    data = {
+        "start": "false",
+        "docker_source": "debian",
+        "model_repo": REPO,
+        "model_file": MODEL,
+        "model_revision": "main",
+        "model_sha256": "null",
+        "hf_endpoint": hub.endpoint(GATEWAY),
+        "min_memory_mb": "0",
+        "public_address": "ai.lab.test",
+        **overrides,
+    }
+    return [f"{key}={value}" for key, value in data.items()]
+
+
+def snapshot(host, root="/opt/backchat") -> dict[str, str]:
+    """Every file under ``root`` on the host: path -> sha256, mode and mtime."""
+    listing = host.run(
+        f"find {root} -type f -exec stat -c '%n %a %Y' {{}} + 2>/dev/null; "
+        f"find {root} -type f -exec sha256sum {{}} + 2>/dev/null", check=False
+    ).stdout
+    return dict(sorted((line.split()[-1 if len(line.split()) == 2 else 0], line) for line in listing.splitlines()))
+
+
+@pytest.fixture(scope="module")
+def fleet(sandbox_factory):
+    return sandbox_factory(["bookworm", "trixie", "trixie"], names=["bookworm", "trixie", "trixie-2"])
+
+
+@pytest.fixture(scope="module")
+def first_run(fleet, hub, tmp_path_factory):
+    bookworm, trixie, _ = fleet
+    inventory = write_inventory(
+        tmp_path_factory.mktemp("inv") / "inventory.py",
+        {host.name: host.pyinfra_data() for host in (bookworm, trixie)},
+    )
+    return inventory, run_deploy(inventory, *deploy_data(hub))
+
+
+def test_bookworm_with_debian_packages_is_refused_clearly(first_run, fleet):
+    _, run = first_run
+    bookworm = fleet[0]
+    assert run.returncode != 0, run
+    assert "[bookworm] Will refuse:" in run.stderr and "compose v1" in run.stderr, run
+    assert "docker_source = 'docker'" in run.stderr
+    # The refusal is the first thing that runs there: nothing on the host changed.
+    assert bookworm.run("test -e /opt/backchat", check=False).returncode != 0
+    assert bookworm.run("dpkg -s docker.io", check=False).returncode != 0
+    assert "bookworm" in run.results["failed_hosts"]
+
+
+def test_trixie_is_deployed_for_real(first_run, fleet, model_bytes, hub):
+    _, run = first_run
+    trixie = fleet[1]
+    assert "trixie" not in run.results["failed_hosts"], run
+    # Docker from Debian's own packages, compose v2 as the docker CLI plugin.
+    assert trixie.run("dpkg -s docker.io docker-compose >/dev/null && echo ok").stdout.strip() == "ok"
+    assert re.search(r"version v?2\.", trixie.run("docker compose version").stdout)
+
+    # The model: fetched from the Hub endpoint by commit, verified, with its marker.
+    sha = hashlib.sha256(model_bytes).hexdigest()
+    assert trixie.run(f"sha256sum /opt/backchat/models/{MODEL}").stdout.split()[0] == sha
+    marker = yaml.safe_load(trixie.run(f"cat /opt/backchat/models/.{MODEL}.verified").stdout)
+    assert marker["sha256"] == sha and marker["size"] == len(model_bytes)
+    assert f"/{REPO}/resolve/{hub.commit}/{MODEL}" in marker["url"], "fetched by commit, not by branch"
+
+    # Threads from the physical-core fact as read on the host.
+    cores = int(trixie.run("python3 -c \"import os;print(len({open(f'/sys/devices/system/cpu/cpu{c}/topology/core_id').read()+open(f'/sys/devices/system/cpu/cpu{c}/topology/physical_package_id').read() for c in os.sched_getaffinity(0)}))\"").stdout)
+    compose = yaml.safe_load(trixie.run("cat /opt/backchat/docker-compose.yaml").stdout)
+    localai = compose["services"]["localai"]
+    assert localai["environment"]["LOCALAI_THREADS"] == str(cores)
+    assert localai["environment"]["LOCALAI_EXTERNAL_BACKENDS"] == "llama-cpp"
+    assert compose["services"]["chatbot-ui"]["environment"]["OPENAI_API_HOST"] == "http://localai:8080"
+
+    model_config = yaml.safe_load(trixie.run("cat /opt/backchat/models/gpt-3.5-turbo.yaml").stdout)
+    assert model_config["name"] == "gpt-3.5-turbo" and model_config["threads"] == cores
+    assert model_config["parameters"]["model"] == MODEL
+
+    assert trixie.run("stat -c %a /opt/backchat/.env").stdout.strip() == "600"
+
+    app_config = yaml.safe_load(trixie.run("cat /opt/backchat/backstage/app-config.local.yaml").stdout)
+    assert app_config["ai_server"]["url"] == "http://ai.lab.test:3001"
+    assert app_config["backend"]["csp"]["frame-src"] == ["'self'", "http://ai.lab.test:3001"]
+    assert trixie.run("test -s /opt/backchat/backstage/backchat-catalog.yaml").returncode == 0
+    assert "start = False" in run.stderr
+
+
+def test_compose_file_accepted_by_docker_compose(first_run, fleet):
+    trixie = fleet[1]
+    done = trixie.run("cd /opt/backchat && docker compose config -q && echo valid", check=False)
+    assert done.stdout.strip() == "valid", done.stderr
+
+
+def test_second_run_changes_nothing(first_run, fleet, hub):
+    inventory, _ = first_run
+    trixie = fleet[1]
+    before = snapshot(trixie)
+    served_before = hub.bytes_served.get(MODEL, 0)
+    trixie.run("rm -f /tmp/sha256-ran; true")
+    run = run_deploy(inventory, *deploy_data(hub), limit="trixie")
+    assert run.returncode == 0, run
+    assert run.changed_ops() == [], run
+    assert hub.bytes_served.get(MODEL, 0) == served_before, "the model was downloaded again"
+    assert snapshot(trixie) == before, "a file changed on the second run"

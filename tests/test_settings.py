@@ -1,0 +1,112 @@
+"""Every setting is validated in one place, before anything runs; bad input never reaches a shell."""
+
+import pytest
+
+from backchat import settings
+from backchat.settings import SettingsError, validate
+
+
+@pytest.fixture
+def defaults():
+    return settings.load_defaults()
+
+
+def test_documented_defaults_are_valid_and_complete(defaults):
+    cfg = validate(defaults)
+    assert cfg.backend == "localai" and cfg.frontend == "chatbot-ui"
+    assert cfg.services == ("localai", "chatbot-ui")
+    # The pins: a commit, a sha256, versioned images.
+    assert len(cfg.model_revision) == 40 and len(cfg.model_sha256) == 64
+    assert cfg.localai_image == "localai/localai:v4.9.0"
+    assert set(defaults) == set(settings._CHECKS), "group_data/all.py documents every setting"
+
+
+@pytest.mark.parametrize(
+    "name, value, words",
+    [
+        ("backend", "nope", ["backend", "'nope'", "localai, textgen, llamacpp"]),
+        ("threads", -2, ["threads", "-2", "1 to 1024"]),
+        ("threads", "many", ["threads", "'many'"]),
+        ("model_file", "model;rm -rf ~.gguf", ["model_file", "plain file name"]),
+        ("model_file", "$(reboot).gguf", ["model_file"]),
+        ("model_file", "../../etc/passwd", ["model_file"]),
+        ("model_repo", "a/b c", ["model_repo"]),
+        ("model_revision", "main`id`", ["model_revision"]),
+        ("models_dir", "/opt/x; reboot", ["models_dir", "absolute path"]),
+        ("models_dir", "relative/dir", ["models_dir"]),
+        ("stack_dir", "/opt/../etc", ["stack_dir"]),
+        ("localai_image", "img|sh", ["localai_image"]),
+        ("public_address", "host name", ["public_address"]),
+        ("bind_address", "everywhere", ["bind_address", "IP address"]),
+        ("localai_port", 70000, ["localai_port", "1 to 65535"]),
+        ("start", "yes", ["start", "True or False"]),
+        ("model_sha256", "abc", ["model_sha256", "64"]),
+        ("hf_endpoint", "ftp://mirror", ["hf_endpoint", "http"]),
+        ("docker_source", "snap", ["docker_source", "docker, debian"]),
+        ("docker_users", ["root; id"], ["docker_users"]),
+    ],
+)
+def test_bad_values_are_named_with_a_fix(defaults, name, value, words):
+    defaults[name] = value
+    with pytest.raises(SettingsError) as raised:
+        validate(defaults, where="ai-01")
+    message = str(raised.value)
+    assert "ai-01" in message and "Fix:" in message and "nothing was changed" in message
+    for word in words:
+        assert word in message
+
+
+def test_all_problems_in_one_message(defaults):
+    defaults.update(backend="nope", threads=0, model_file="a b")
+    message = str(pytest.raises(SettingsError, validate, defaults).value)
+    assert "backend" in message and "threads" in message and "model_file" in message
+
+
+def test_secret_is_never_echoed(defaults):
+    defaults["api_key"] = "short k3y with spaces"
+    message = str(pytest.raises(SettingsError, validate, defaults).value)
+    assert "api_key = (hidden)" in message and "k3y" not in message
+
+
+def test_api_key_cannot_carry_shell_or_eval_syntax(defaults):
+    # Text Gen WebUI's entrypoint evals EXTRA_LAUNCH_ARGS, where the key ends up.
+    for bad in ["abcdefgh$(id)", "abcdefgh;reboot", "abcdefgh`id`", "abcd'efgh"]:
+        defaults["api_key"] = bad
+        with pytest.raises(SettingsError):
+            validate(defaults)
+    defaults["api_key"] = "sk-Abc123_def.456"
+    assert validate(defaults).api_key == "sk-Abc123_def.456"
+
+
+def test_command_line_strings_are_coerced(defaults):
+    # pyinfra's --data passes numbers as int already, but "8" from other sources works too.
+    defaults.update(threads="8", context_size=2048, start=False)
+    cfg = validate(defaults)
+    assert cfg.threads == 8 and cfg.start is False
+
+
+def test_duplicate_ports_are_refused(defaults):
+    defaults["chatbot_ui_port"] = defaults["localai_port"]
+    message = str(pytest.raises(SettingsError, validate, defaults).value)
+    assert "chatbot_ui_port" in message and "localai_port" in message
+
+
+def test_missing_setting_says_where_defaults_live(defaults):
+    del defaults["context_size"]
+    message = str(pytest.raises(SettingsError, validate, defaults).value)
+    assert "context_size is not set" in message and "group_data/all.py" in message
+
+
+@pytest.mark.parametrize(
+    "backend, frontend, services",
+    [
+        ("localai", "chatbot-ui", ("localai", "chatbot-ui")),
+        ("textgen", "textgen", ("textgen",)),
+        ("textgen", "chatbot-ui", ("textgen", "chatbot-ui")),
+        ("localai", "textgen", ("localai", "textgen")),
+        ("llamacpp", "chatbot-ui", ("llamacpp", "chatbot-ui")),
+    ],
+)
+def test_services_follow_backend_and_frontend(defaults, backend, frontend, services):
+    defaults.update(backend=backend, frontend=frontend)
+    assert validate(defaults).services == services

@@ -63,12 +63,14 @@ def snapshot(host, root="/opt/backchat") -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def fleet(sandbox_factory):
-    return sandbox_factory(["bookworm", "trixie", "trixie"], names=["bookworm", "trixie", "trixie-2"])
+    return sandbox_factory(
+        ["bookworm", "trixie", "trixie", "trixie"], names=["bookworm", "trixie", "trixie-2", "trixie-3"]
+    )
 
 
 @pytest.fixture(scope="module")
 def first_run(fleet, hub, tmp_path_factory):
-    bookworm, trixie, _ = fleet
+    bookworm, trixie = fleet[:2]
     inventory = write_inventory(
         tmp_path_factory.mktemp("inv") / "inventory.py",
         {host.name: host.pyinfra_data() for host in (bookworm, trixie)},
@@ -141,3 +143,77 @@ def test_second_run_changes_nothing(first_run, fleet, hub):
     assert run.changed_ops() == [], run
     assert hub.bytes_served.get(MODEL, 0) == served_before, "the model was downloaded again"
     assert snapshot(trixie) == before, "a file changed on the second run"
+
+
+def test_fleet_in_parallel_and_a_dead_host_is_named(fleet, hub, tmp_path):
+    trixies = fleet[1:]
+    hosts = {host.name: host.pyinfra_data() for host in trixies}
+    inventory = write_inventory(tmp_path / "inventory.py", hosts)
+    all_up = run_deploy(inventory, *deploy_data(hub))
+    assert all_up.returncode == 0, all_up
+    assert all_up.results["failed_hosts"] == []
+
+    # One host's sshd goes away: the other two still complete, and the report says who failed.
+    fleet[3].stop_sshd()
+    try:
+        for host in fleet[1:3]:
+            host.run("rm -f /opt/backchat/docker-compose.yaml")  # work the next run must redo
+        one_down = run_deploy(inventory, *deploy_data(hub))
+    finally:
+        fleet[3].start_sshd()
+    assert one_down.returncode != 0, "a failed host must fail the run"
+    assert one_down.results["failed_hosts"] == ["trixie-3"], one_down
+    for host in fleet[1:3]:
+        assert host.run("test -s /opt/backchat/docker-compose.yaml").returncode == 0
+    report = one_down.stderr.split("--> Backchat report:")[-1]
+    lines = {line.split()[0]: line for line in report.strip().splitlines()[1:4]}
+    assert "FAILED" in lines["trixie-3"] and "could not connect" in report, report
+    assert "not started" in lines["trixie"] and "not started" in lines["trixie-2"], report
+
+
+def test_existing_backstage_config_is_kept(fleet, hub, tmp_path):
+    trixie = fleet[1]
+    trixie.run(
+        "mkdir -p /srv/backstage && cat > /srv/backstage/app-config.local.yaml <<'YAML'\n"
+        "app:\n  title: Our Portal\n"
+        "backend:\n  database:\n    client: pg\n  csp:\n    img-src: [\"'self'\", 'data:']\n"
+        "ai_server:\n  url: http://localhost:3001\n"
+        "catalog:\n  locations:\n    - type: url\n      target: https://example.test/catalog-info.yaml\n"
+        "YAML"
+    )
+    inventory = write_inventory(tmp_path / "inventory.py", {trixie.name: trixie.pyinfra_data()})
+    run = run_deploy(inventory, *deploy_data(hub, backstage_app_dir="/srv/backstage"))
+    assert run.returncode == 0, run
+    config = yaml.safe_load(trixie.run("cat /srv/backstage/app-config.local.yaml").stdout)
+    assert config["app"]["title"] == "Our Portal"
+    assert config["backend"]["database"] == {"client": "pg"}
+    assert config["backend"]["csp"]["img-src"] == ["'self'", "data:"]
+    assert config["ai_server"]["url"] == "http://ai.lab.test:3001"
+    targets = [location["target"] for location in config["catalog"]["locations"]]
+    assert targets == ["https://example.test/catalog-info.yaml", "/srv/backstage/backchat-catalog.yaml"]
+    previous = trixie.run("cat /srv/backstage/app-config.local.yaml.backchat.bak").stdout
+    assert "http://localhost:3001" in previous
+
+
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        ("backend=nope", ["backend = 'nope'", "localai, textgen, llamacpp"]),
+        ("threads=-4", ["threads = -4", "1 to 1024"]),
+        ("model_file=tiny;touch /tmp/pwned.gguf", ["model_file", "plain file name"]),
+    ],
+)
+def test_bad_input_stops_before_the_host_changes(fleet, hub, tmp_path, bad, words):
+    host = fleet[2]
+    before = host.run("find / -xdev -newer /etc/hostname -type f 2>/dev/null | grep -v '^/proc' | wc -l; ls /opt/backchat 2>/dev/null; ls /tmp").stdout
+    inventory = write_inventory(tmp_path / "inventory.py", {host.name: host.pyinfra_data()})
+    run = run_deploy(inventory, *deploy_data(hub), bad)
+    assert run.returncode != 0
+    for word in words:
+        assert word in run.stderr, run
+    assert "Traceback" not in run.stderr, run
+    assert "Starting operation" not in run.stderr, "an operation ran despite the bad setting"
+    assert not run.stdout.strip() or "results" not in run.stdout
+    assert host.run("test -e /tmp/pwned.gguf", check=False).returncode != 0
+    after = host.run("find / -xdev -newer /etc/hostname -type f 2>/dev/null | grep -v '^/proc' | wc -l; ls /opt/backchat 2>/dev/null; ls /tmp").stdout
+    assert after == before

@@ -1,0 +1,530 @@
+"""A real Debian 13 VM for end-to-end tests: systemd, a real kernel, room for a Docker engine.
+
+``vm_disk_image()`` builds (once; cached by recipe hash) a raw ext4 image from a trixie
+debootstrap root with systemd, sshd and networkd, plus the kernel modules of the kernel in
+/boot that boots it (dockerd needs overlay, nf_tables, br_netfilter...). ``TestVM`` boots
+that image under QEMU (TCG: KVM guests hang on the CI machines) on a copy-on-write overlay,
+so the cached image stays clean and every run starts from the same state.
+
+Networking is QEMU's user mode (slirp): the guest is 10.0.2.15 and sees the controller's
+127.0.0.1 as 10.0.2.2. The controller reaches the guest only through forwarded ports on
+127.0.0.1 (SSH, and whatever the test asks for). apt in the guest goes through
+``sandbox._AptProxy`` (only the Debian mirror), bound on the controller's 127.0.0.1.
+
+``llama_image_tar()`` is the stand-in for the llama.cpp server image: the cached sid root of
+``llama_server`` plus curl (the upstream image has curl; backchat's healthcheck uses it).
+
+Needs root (debootstrap, chroot), qemu-system-x86, qemu-utils, e2fsprogs (mkfs.ext4 -d),
+openssh-client and a kernel + initrd in /boot with its modules in /lib/modules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import json
+import logging
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+from tests.harness import llama_server
+from tests.harness.sandbox import CACHE, MIRROR, _AptProxy, _flock, _remove_tree, _sh
+
+log = logging.getLogger(__name__)
+
+VM_DIR = CACHE / "vm"
+SUITE = "trixie"
+INCLUDE = (
+    "systemd-sysv",
+    "dbus",
+    "openssh-server",
+    "iproute2",
+    "ca-certificates",
+    "curl",
+    "sudo",
+    "udev",
+    "kmod",
+    "python3",
+    "gnupg",
+    "procps",
+)
+DISK_SIZE = "8G"
+GUEST_HOSTNAME = "backchat-vm"
+# Bump when _configure_root changes: it is part of the cache key.
+VM_RECIPE_VERSION = 1
+
+# QEMU user networking: the controller's loopback as the guest sees it, and slirp's DNS.
+SLIRP_HOST = "10.0.2.2"
+SLIRP_DNS = "10.0.2.3"
+
+QEMU = "qemu-system-x86_64"
+REQUIRED_TOOLS = (QEMU, "qemu-img", "mkfs.ext4", "debootstrap", "chroot", "ssh", "scp", "ssh-keygen")
+HOST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+SSH_TIMEOUT = 300.0
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a hostfwd: QEMU binds it a moment later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def unavailable_reason() -> str | None:
+    """Why this machine cannot boot test VMs, or None if it can."""
+    if os.geteuid() != 0:
+        return "test VMs need root (debootstrap, chroot)"
+    missing = [tool for tool in REQUIRED_TOOLS if shutil.which(tool) is None]
+    if missing:
+        return f"test VMs need {', '.join(missing)} (packages qemu-system-x86, qemu-utils, e2fsprogs, debootstrap)"
+    try:
+        boot_kernel()
+    except FileNotFoundError as exc:
+        return str(exc)
+    return None
+
+
+# --------------------------------------------------------------------------- kernel
+
+
+def _version_key(version: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"[.-]", version)]
+
+
+def boot_kernel() -> tuple[Path, Path, str]:
+    """(vmlinuz, initrd, version) of the newest kernel in /boot that has its modules.
+
+    This is the kernel the VM boots, not the controller's running one (which may be a
+    hypervisor's kernel with no modules here), so its modules are what the image gets.
+    BACKCHAT_VM_KERNEL=/boot/vmlinuz-X picks one.
+    """
+    wanted = os.environ.get("BACKCHAT_VM_KERNEL")
+    candidates = [Path(wanted)] if wanted else sorted(
+        Path("/boot").glob("vmlinuz-*"), key=lambda p: _version_key(p.name[len("vmlinuz-"):])
+    )
+    for vmlinuz in reversed(candidates):
+        version = vmlinuz.name[len("vmlinuz-"):]
+        initrd = vmlinuz.with_name(f"initrd.img-{version}")
+        if vmlinuz.is_file() and initrd.is_file() and Path(f"/lib/modules/{version}").is_dir():
+            return vmlinuz, initrd, version
+    raise FileNotFoundError(
+        "no kernel in /boot with an initrd and /lib/modules/<version> (package linux-image-amd64)"
+    )
+
+
+def _kernel_build(version: str) -> str:
+    """The kernel package's version: a rebuilt kernel with the same ABI gets a new image."""
+    proc = _sh("dpkg-query", "-W", "-f", "${Version}", f"linux-image-{version}", check=False)
+    if proc.returncode == 0 and proc.stdout.strip():
+        return proc.stdout.strip()
+    stat = Path(f"/lib/modules/{version}/modules.dep").stat()
+    return f"{stat.st_size}-{int(stat.st_mtime)}"
+
+
+# --------------------------------------------------------------------------- disk image
+
+
+def _recipe() -> dict:
+    _, _, version = boot_kernel()
+    return {
+        "suite": SUITE,
+        "mirror": MIRROR,
+        "variant": "minbase",
+        "include": sorted(INCLUDE),
+        "kernel": version,
+        "kernel_build": _kernel_build(version),
+        "disk_size": DISK_SIZE,
+        "version": VM_RECIPE_VERSION,
+    }
+
+
+def vm_image_dir() -> Path:
+    """CACHE/vm/<suite>-<recipe hash>/ holding disk.img and the SSH key that opens it."""
+    digest = hashlib.sha256(json.dumps(_recipe(), sort_keys=True).encode()).hexdigest()
+    return VM_DIR / f"{SUITE}-{digest[:12]}"
+
+
+def vm_disk_image() -> Path:
+    """The cached raw ext4 image (8G sparse) of a bootable trixie root; built on first use.
+
+    Its directory also holds ``id_ed25519``, the key in root's authorized_keys. The image is
+    built in a temporary directory and renamed into place, so a present one is complete.
+    Never boot it directly: TestVM boots a qcow2 overlay on top of it.
+    """
+    dest = vm_image_dir()
+    if (dest / "disk.img").is_file():
+        return dest / "disk.img"
+    VM_DIR.mkdir(parents=True, exist_ok=True)
+    with _flock(VM_DIR / f"{dest.name}.lock"):
+        if (dest / "disk.img").is_file():
+            return dest / "disk.img"
+        for stale in VM_DIR.glob(f".build-{dest.name}-*"):  # an interrupted build
+            _remove_tree(stale)
+        build = Path(tempfile.mkdtemp(prefix=f".build-{dest.name}-", dir=VM_DIR))
+        try:
+            started = time.monotonic()
+            root = build / "root"
+            _sh(
+                "debootstrap", "--variant=minbase", f"--include={','.join(INCLUDE)}",
+                SUITE, root, MIRROR,
+            )  # fmt: skip
+            key = build / "id_ed25519"
+            _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "backchat-vm-tests", "-f", key)
+            _configure_root(root, key.with_suffix(".pub").read_text())
+            _sh("truncate", "-s", DISK_SIZE, build / "disk.img")
+            _sh("mkfs.ext4", "-q", "-F", "-L", "backchat-root", "-d", root, build / "disk.img")
+            _remove_tree(root)
+            (build / "recipe.json").write_text(json.dumps(_recipe(), indent=2, sort_keys=True) + "\n")
+            build.chmod(0o755)
+            os.rename(build, dest)
+            log.info("built VM image in %.0fs: %s", time.monotonic() - started, dest)
+        except BaseException:
+            _remove_tree(build)
+            raise
+    return dest / "disk.img"
+
+
+def _write(path: Path, text: str, mode: int = 0o644) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    path.chmod(mode)
+
+
+def _configure_root(root: Path, public_key: str) -> None:
+    """Make the debootstrap root a bootable, reachable VM (slirp network, key-only root SSH)."""
+    env = {"PATH": HOST_PATH, "LC_ALL": "C"}
+    etc = root / "etc"
+    _write(etc / "hostname", f"{GUEST_HOSTNAME}\n")
+    _write(etc / "hosts", f"127.0.0.1\tlocalhost\n127.0.1.1\t{GUEST_HOSTNAME}\n")
+    _write(etc / "fstab", "/dev/vda / ext4 defaults,errors=remount-ro 0 1\n")
+    _write(etc / "systemd/network/20-eth0.network", "[Match]\nName=eth0\n\n[Network]\nDHCP=ipv4\n")
+    _sh("chroot", root, "systemctl", "enable", "systemd-networkd.service", env=env)
+    (etc / "resolv.conf").unlink(missing_ok=True)
+    _write(etc / "resolv.conf", f"nameserver {SLIRP_DNS}\n")
+    # Snapshot mirrors may serve an expired Release file; no translations saves downloads.
+    _write(
+        etc / "apt/apt.conf.d/90backchat-vm",
+        'Acquire::Check-Valid-Until "false";\nAcquire::Languages "none";\n',
+    )
+    ssh_dir = root / "root/.ssh"
+    ssh_dir.mkdir(mode=0o700, exist_ok=True)
+    _write(ssh_dir / "authorized_keys", public_key, 0o600)
+    if not list((etc / "ssh").glob("ssh_host_*_key")):
+        _sh("chroot", root, "ssh-keygen", "-A", env=env)
+    # The booted kernel's modules (copied into /usr/lib: trixie's /lib is a link to it).
+    _, _, version = boot_kernel()
+    modules = root / "usr/lib/modules"
+    modules.mkdir(parents=True, exist_ok=True)
+    _sh("cp", "-a", f"/lib/modules/{version}", modules)
+    _sh("chroot", root, "apt-get", "clean", env=env)
+
+
+# --------------------------------------------------------------------------- llama image
+
+
+LLAMA_IMAGE_PACKAGES = ("curl",)
+LLAMA_IMAGE_RECIPE_VERSION = 1
+
+
+def llama_image_tar() -> Path:
+    """A cached rootfs tarball for ``docker import``: llama_server's sid root + curl.
+
+    The upstream llama.cpp server image has curl and backchat's compose healthcheck runs
+    ``curl -fsS http://localhost:8080/health`` in the container; ``llama_rootfs_tar()``
+    (minbase + llama.cpp-tools) has none, so this adds it in a copy of that root.
+    """
+    base = llama_server.llama_root()
+    recipe = {
+        "base": base.name,
+        "packages": list(LLAMA_IMAGE_PACKAGES),
+        "version": LLAMA_IMAGE_RECIPE_VERSION,
+    }
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    roots = CACHE / "roots"
+    out = roots / f"{base.name}-image-{digest}.tar"
+    if out.is_file():
+        return out
+    with _flock(roots / f"{out.name}.lock"):
+        if out.is_file():
+            return out
+        for stale in roots.glob(f".build-{out.name}-*"):
+            _remove_tree(stale)
+        build = Path(tempfile.mkdtemp(prefix=f".build-{out.name}-", dir=roots))
+        try:
+            root = build / "root"
+            _sh("cp", "-a", "--reflink=auto", base, root)
+            env = {"PATH": HOST_PATH, "LC_ALL": "C", "DEBIAN_FRONTEND": "noninteractive", "HOME": "/root"}
+            # A private mount namespace: its /proc goes away with it, even if we crash.
+            script = (
+                'mount -t proc proc "$1/proc" && chroot "$1" sh -c '
+                '"apt-get update && apt-get install -y $2 && apt-get clean"'
+            )
+            _sh(
+                "unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
+                root, " ".join(LLAMA_IMAGE_PACKAGES), env=env,
+            )  # fmt: skip
+            shutil.rmtree(root / "var/lib/apt/lists", ignore_errors=True)
+            (root / "var/lib/apt/lists/partial").mkdir(parents=True, exist_ok=True)
+            tmp = build / "image.tar"
+            cmd = ["tar", "-C", str(root), "--numeric-owner", "--xattrs", "--one-file-system"]
+            cmd += [f"--exclude={pat}" for pat in llama_server._TAR_EXCLUDES]
+            _sh(*cmd, "-cf", tmp, ".")
+            os.rename(tmp, out)
+        finally:
+            _remove_tree(build)
+    return out
+
+
+# --------------------------------------------------------------------------- the VM
+
+
+def _die_with_parent() -> None:
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+class TestVM:
+    """A booted trixie VM on a throwaway overlay of ``vm_disk_image()``.
+
+    ``ports`` maps guest TCP ports to controller ports on 127.0.0.1 (None: a free one);
+    by default guest 8080 gets a free port. SSH (guest 22) is always forwarded. Use as a
+    context manager: it boots and waits for SSH (``SSH_TIMEOUT``), and on exit powers the
+    guest off (then kills QEMU), stops the apt proxy and deletes the overlay. The serial
+    console log and QEMU's own output stay in ``workdir``.
+    """
+
+    __test__ = False  # not a pytest test class, whatever its name
+
+    def __init__(
+        self,
+        workdir: Path | None = None,
+        ports: Mapping[int, int | None] | None = None,
+        memory_mb: int = 6144,
+        cpus: int = 2,
+    ) -> None:
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir) if workdir else None
+        self._wanted_ports = dict({8080: None} if ports is None else ports)
+        self.memory_mb = memory_mb
+        self.cpus = cpus
+        self.ssh_port = 0
+        self.key_path = ""
+        self.apt_proxy_url = ""
+        self.boot_seconds = 0.0
+        self._ports: dict[int, int] = {}
+        self._qemu: subprocess.Popen | None = None
+        self._stack = contextlib.ExitStack()
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def __enter__(self) -> TestVM:
+        try:
+            self._start()
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def _start(self) -> None:
+        stack = self._stack
+        base = vm_disk_image()
+        key = base.parent / "id_ed25519"
+        if self.workdir is None:
+            VM_DIR.mkdir(parents=True, exist_ok=True)
+            self.workdir = Path(tempfile.mkdtemp(prefix="run-", dir=VM_DIR))
+            stack.callback(shutil.rmtree, self.workdir, ignore_errors=True)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        # ssh refuses a private key that others can read; keep a 0600 copy per run.
+        self.key_path = str(self.workdir / "id_ed25519")
+        shutil.copyfile(key, self.key_path)
+        os.chmod(self.key_path, 0o600)
+
+        overlay = self.workdir / "overlay.qcow2"
+        overlay.unlink(missing_ok=True)
+        _sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", overlay)
+        stack.callback(overlay.unlink, missing_ok=True)
+
+        proxy = _AptProxy("127.0.0.1")
+        stack.callback(proxy.close)
+        proxy_port = proxy.server.server_address[1]
+        self.apt_proxy_url = f"http://{SLIRP_HOST}:{proxy_port}"
+
+        self.ssh_port = free_port()
+        self._ports = {g: (h if h else free_port()) for g, h in self._wanted_ports.items()}
+        fwds = [f"hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22"]
+        fwds += [f"hostfwd=tcp:127.0.0.1:{h}-:{g}" for g, h in self._ports.items()]
+
+        vmlinuz, initrd, _ = boot_kernel()
+        cmd = [
+            QEMU, "-accel", "tcg", "-cpu", "max", "-smp", str(self.cpus), "-m", str(self.memory_mb),
+            "-nographic", "-monitor", "none", "-serial", f"file:{self.serial_log_path}",
+            "-kernel", str(vmlinuz), "-initrd", str(initrd),
+            "-append", "root=/dev/vda rw console=ttyS0 net.ifnames=0",
+            "-drive", f"file={overlay},format=qcow2,if=virtio,cache=unsafe",
+            "-netdev", "user,id=n0," + ",".join(fwds), "-device", "virtio-net-pci,netdev=n0",
+            "-object", "rng-random,id=rng0,filename=/dev/urandom", "-device", "virtio-rng-pci,rng=rng0",
+        ]  # fmt: skip
+        started = time.monotonic()
+        with open(self.workdir / "qemu.log", "wb") as qemu_log:
+            self._qemu = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=qemu_log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # a Ctrl-C in pytest must not kill it before teardown
+                preexec_fn=_die_with_parent,  # nor may it outlive a killed pytest
+            )
+        stack.callback(self._stop_qemu)
+        self._wait_for_ssh(SSH_TIMEOUT)
+        self.boot_seconds = time.monotonic() - started
+        self.write_file(
+            "/etc/apt/apt.conf.d/01proxy", f'Acquire::http::Proxy "{self.apt_proxy_url}";\n'
+        )
+
+    def _stop_qemu(self) -> None:
+        proc, self._qemu = self._qemu, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            with contextlib.suppress(subprocess.SubprocessError, OSError):
+                _sh(*self.ssh_command("systemctl poweroff"), check=False, timeout=30)
+            try:
+                proc.wait(90)
+            except subprocess.TimeoutExpired:
+                log.warning("VM did not power off in 90s; killing QEMU")
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    # -- SSH -------------------------------------------------------------------------
+
+    @property
+    def serial_log_path(self) -> Path:
+        assert self.workdir is not None
+        return self.workdir / "serial.log"
+
+    def serial_log(self, tail: int = 6000) -> str:
+        with contextlib.suppress(OSError):
+            return self.serial_log_path.read_text(errors="replace")[-tail:]
+        return ""
+
+    def _ssh_options(self) -> list[str]:
+        return [
+            "-i", self.key_path, "-o", "UserKnownHostsFile=/dev/null",
+            "-o", "StrictHostKeyChecking=no", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR",
+            "-o", "IdentitiesOnly=yes", "-o", "ConnectTimeout=15",
+            "-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=8",
+        ]  # fmt: skip
+
+    def ssh_command(self, *argv: str) -> list[str]:
+        """argv for the OpenSSH client to run a command in the guest as root."""
+        return ["ssh", *self._ssh_options(), "-p", str(self.ssh_port), "root@127.0.0.1", *argv]
+
+    def run(
+        self, cmd: str, check: bool = True, timeout: float | None = 900, input: str | None = None
+    ) -> subprocess.CompletedProcess:
+        """Run a shell command in the guest as root over SSH; output captured (text)."""
+        return _sh(*self.ssh_command(cmd), check=check, timeout=timeout, input=input)
+
+    def write_file(self, path: str, content: str, mode: str = "0644") -> None:
+        quoted = shlex.quote(path)
+        self.run(f"mkdir -p \"$(dirname {quoted})\" && cat > {quoted} && chmod {mode} {quoted}", input=content)
+
+    def copy_to(self, local: Path | str, remote: str, timeout: float = 900) -> None:
+        _sh(
+            "scp", *self._ssh_options(), "-q", "-P", str(self.ssh_port), local,
+            f"root@127.0.0.1:{remote}", timeout=timeout,
+        )  # fmt: skip
+
+    def _boot_id(self) -> str | None:
+        try:
+            proc = _sh(*self.ssh_command("cat /proc/sys/kernel/random/boot_id"), check=False, timeout=60)
+        except subprocess.TimeoutExpired:
+            return None
+        return proc.stdout.strip() if proc.returncode == 0 and proc.stdout.strip() else None
+
+    def _wait_for_ssh(self, timeout: float, not_boot_id: str | None = None) -> str:
+        """Wait until SSH works (on a boot other than not_boot_id); return the boot id."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._qemu is None or self._qemu.poll() is not None:
+                qemu_log = (self.workdir / "qemu.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"QEMU exited:\n{qemu_log}\nserial console:\n{self.serial_log()}")
+            boot_id = self._boot_id()
+            if boot_id and boot_id != not_boot_id:
+                return boot_id
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"no SSH to the VM on 127.0.0.1:{self.ssh_port} after {timeout:.0f}s; "
+                    f"serial console:\n{self.serial_log()}"
+                )
+            time.sleep(2)
+
+    def reboot(self, timeout: float = SSH_TIMEOUT) -> float:
+        """Reboot the guest and wait for SSH on the new boot; return the seconds it took."""
+        before = self._boot_id()
+        started = time.monotonic()
+        # Detached, so this SSH session ends cleanly before the guest goes down.
+        self.run("systemd-run --on-active=1 --timer-property=AccuracySec=100ms systemctl reboot")
+        self._wait_for_ssh(timeout, not_boot_id=before)
+        return time.monotonic() - started
+
+    # -- what tests need -------------------------------------------------------------
+
+    def forwarded_port(self, guest_port: int) -> int:
+        """The 127.0.0.1 port on the controller that reaches guest_port."""
+        return self._ports[guest_port]
+
+    def expose_host_port(self, port: int) -> None:
+        """Make 127.0.0.1:port in the guest reach 127.0.0.1:port on the controller.
+
+        A socket-activated systemd-socket-proxyd to 10.0.2.2:port, enabled so it survives
+        reboots. For servers the test runs (a fake Hub) whose URL both the controller and
+        the guest must use unchanged.
+        """
+        unit = f"bc-host-{port}"
+        self.write_file(
+            f"/etc/systemd/system/{unit}.socket",
+            f"[Unit]\nDescription=Forward 127.0.0.1:{port} to the test controller\n\n"
+            f"[Socket]\nListenStream=127.0.0.1:{port}\n\n[Install]\nWantedBy=sockets.target\n",
+        )
+        self.write_file(
+            f"/etc/systemd/system/{unit}.service",
+            f"[Unit]\nRequires={unit}.socket\nAfter={unit}.socket\n\n"
+            f"[Service]\nExecStart=/usr/lib/systemd/systemd-socket-proxyd {SLIRP_HOST}:{port}\n",
+        )
+        self.run(f"systemctl daemon-reload && systemctl enable --now {unit}.socket")
+
+    def pyinfra_data(self) -> dict:
+        """Host data for pyinfra's @ssh connector (key names as in pyinfra 3.10's ssh.py)."""
+        return {
+            "ssh_hostname": "127.0.0.1",
+            "ssh_port": self.ssh_port,
+            "ssh_user": "root",
+            "ssh_key": self.key_path,
+            "ssh_known_hosts_file": "/dev/null",
+            "ssh_strict_host_key_checking": "no",
+            # Only our key: the controller's agent or ~/.ssh keys have no business here.
+            "ssh_allow_agent": False,
+            "ssh_look_for_keys": False,
+        }
+
+    def __repr__(self) -> str:
+        return f"TestVM(ssh=127.0.0.1:{self.ssh_port}, ports={self._ports})"

@@ -1,0 +1,316 @@
+"""Backstage's app-config.local.yaml and the catalog backchat writes (pure functions).
+
+Contract (docs/upstream-facts.md, stack-contracts.md): the Backchat plugin iframes
+``ai_server.url``; Backstage's backend CSP must list that origin in ``frame-src`` and the
+API origins in ``connect-src`` (arrays replace, so ``'self'`` first); plain http needs
+``upgrade-insecure-requests: false``; the catalog needs rules allowing System etc.
+Backstage users browse from other machines, so no URL may say localhost.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import yaml
+
+from backchat import backstage, settings
+
+ADDRESS = "ai-01.lab"
+KINDS = {"System", "Component", "API", "Resource", "Domain", "Location", "Group", "User"}
+COMBINATIONS = [
+    ("localai", "chatbot-ui"),
+    ("textgen", "textgen"),
+    ("llamacpp", "chatbot-ui"),
+    ("localai", "textgen"),
+    ("textgen", "chatbot-ui"),
+]
+# Host-side API origins (defaults: localai/llamacpp 8080, textgen API 5001).
+API_ORIGINS = {
+    ("localai", "chatbot-ui"): {"localai": "http://ai-01.lab:8080"},
+    ("textgen", "textgen"): {"textgen": "http://ai-01.lab:5001"},
+    ("llamacpp", "chatbot-ui"): {"llamacpp": "http://ai-01.lab:8080"},
+    ("localai", "textgen"): {"localai": "http://ai-01.lab:8080", "textgen": "http://ai-01.lab:5001"},
+    ("textgen", "chatbot-ui"): {"textgen": "http://ai-01.lab:5001"},
+}
+GUI = {"chatbot-ui": "http://ai-01.lab:3001", "textgen": "http://ai-01.lab:7860"}
+CATALOG_TARGET = "/opt/backchat/backstage/backchat-catalog.yaml"
+
+
+def make_cfg(**overrides) -> settings.Settings:
+    data = settings.load_defaults()
+    data.update(overrides)
+    return settings.validate(data)
+
+
+@pytest.fixture(params=COMBINATIONS, ids=lambda c: f"{c[0]}+{c[1]}")
+def combo(request):
+    return request.param
+
+
+@pytest.fixture
+def cfg(combo):
+    backend, frontend = combo
+    return make_cfg(backend=backend, frontend=frontend)
+
+
+def walk_strings(value):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from walk_strings(key)
+            yield from walk_strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from walk_strings(item)
+
+
+def our_locations(config: dict) -> list[dict]:
+    return [
+        location
+        for location in config["catalog"]["locations"]
+        if isinstance(location, dict) and location.get("target") == CATALOG_TARGET
+    ]
+
+
+# --- our_config ----------------------------------------------------------------------------
+
+
+def test_ai_server_url_is_the_gui(cfg, combo):
+    ours = backstage.our_config(cfg, ADDRESS)
+    assert ours["ai_server"]["url"] == GUI[combo[1]]
+    assert backstage.gui_url(cfg, ADDRESS) == GUI[combo[1]]
+
+
+def test_csp_frame_src_and_connect_src(cfg, combo):
+    csp = backstage.our_config(cfg, ADDRESS)["backend"]["csp"]
+    assert csp["frame-src"] == ["'self'", GUI[combo[1]]]
+    connect = csp["connect-src"]
+    assert connect[0] == "'self'"
+    for origin in API_ORIGINS[combo].values():
+        assert origin in connect
+    assert len(connect) == len(set(connect)), "no duplicate sources"
+    assert set(connect) == {"'self'", *API_ORIGINS[combo].values()}
+    # Helmet would upgrade the iframe's http to https.
+    assert csp["upgrade-insecure-requests"] is False
+
+
+def test_api_urls_per_backend(cfg, combo):
+    assert backstage.api_urls(cfg, ADDRESS) == API_ORIGINS[combo]
+
+
+def test_ports_follow_settings():
+    cfg = make_cfg(backend="localai", frontend="textgen", localai_port=18080, textgen_port=17860,
+                   textgen_api_port=15001)
+    ours = backstage.our_config(cfg, ADDRESS)
+    assert ours["ai_server"]["url"] == "http://ai-01.lab:17860"
+    assert ours["backend"]["csp"]["frame-src"] == ["'self'", "http://ai-01.lab:17860"]
+    assert set(ours["backend"]["csp"]["connect-src"]) == {
+        "'self'", "http://ai-01.lab:18080", "http://ai-01.lab:15001"
+    }
+
+
+def test_no_localhost_anywhere(cfg):
+    ours = backstage.our_config(cfg, ADDRESS)
+    for text in walk_strings(ours):
+        assert "localhost" not in text and "127.0.0.1" not in text, text
+    rendered = backstage.render_config(None, cfg, ADDRESS)
+    assert "localhost" not in rendered
+    catalog = backstage.render_catalog(cfg, ADDRESS)
+    assert "localhost" not in catalog
+
+
+def test_catalog_location_and_rules(cfg):
+    catalog = backstage.our_config(cfg, ADDRESS)["catalog"]
+    assert len(catalog["locations"]) == 1
+    location = catalog["locations"][0]
+    assert location["type"] == "file"
+    assert location["target"] == CATALOG_TARGET
+    assert len(location["rules"]) == 1
+    assert set(location["rules"][0]["allow"]) == KINDS
+    assert len(location["rules"][0]["allow"]) == len(KINDS)
+    assert [set(rule["allow"]) for rule in catalog["rules"]] == [KINDS]
+
+
+def test_catalog_target_follows_backstage_app_dir():
+    cfg = make_cfg(backstage_app_dir="/srv/backstage")
+    location = backstage.our_config(cfg, ADDRESS)["catalog"]["locations"][0]
+    assert location["target"] == "/srv/backstage/backchat-catalog.yaml"
+
+
+# --- merge -----------------------------------------------------------------------------------
+
+
+EXISTING = {
+    "app": {"title": "Lab Portal", "baseUrl": "http://backstage.lab:3000"},
+    "backend": {
+        "database": {"client": "pg", "connection": {"host": "db.lab", "port": 5432}},
+        "csp": {
+            "img-src": ["'self'", "data:", "https://img.lab"],
+            "frame-src": ["'self'", "http://old-host:9999"],
+        },
+    },
+    "ai_server": {"url": "http://localhost:3001"},
+    "catalog": {
+        "locations": [
+            {"type": "url", "target": "https://github.com/org/repo/blob/main/catalog-info.yaml"},
+        ],
+    },
+}
+
+
+def test_merge_keeps_theirs_and_replaces_ours():
+    cfg = make_cfg()
+    existing = copy.deepcopy(EXISTING)
+    merged = backstage.merge(existing, backstage.our_config(cfg, ADDRESS))
+    assert existing == EXISTING, "merge must not modify its input"
+    assert merged["app"] == EXISTING["app"]
+    assert merged["backend"]["database"] == EXISTING["backend"]["database"]
+    assert merged["backend"]["csp"]["img-src"] == ["'self'", "data:", "https://img.lab"]
+    assert merged["backend"]["csp"]["frame-src"] == ["'self'", "http://ai-01.lab:3001"]
+    assert merged["ai_server"] == {"url": "http://ai-01.lab:3001"}
+    assert merged["backend"]["csp"]["connect-src"] == ["'self'", "http://ai-01.lab:8080"]
+    assert merged["backend"]["csp"]["upgrade-insecure-requests"] is False
+    targets = [location["target"] for location in merged["catalog"]["locations"]]
+    assert targets == ["https://github.com/org/repo/blob/main/catalog-info.yaml", CATALOG_TARGET]
+    assert merged["catalog"]["locations"][0] == EXISTING["catalog"]["locations"][0]
+
+
+def test_merge_twice_is_idempotent_and_keeps_one_location():
+    cfg = make_cfg()
+    ours = backstage.our_config(cfg, ADDRESS)
+    once = backstage.merge(copy.deepcopy(EXISTING), ours)
+    twice = backstage.merge(once, ours)
+    assert twice == once
+    assert len(our_locations(twice)) == 1
+    assert len(twice["catalog"]["locations"]) == 2
+
+
+def test_merge_replaces_our_location_written_by_an_older_run():
+    cfg = make_cfg()
+    existing = copy.deepcopy(EXISTING)
+    existing["catalog"]["locations"].append({"type": "file", "target": CATALOG_TARGET})
+    merged = backstage.merge(existing, backstage.our_config(cfg, ADDRESS))
+    mine = our_locations(merged)
+    assert len(mine) == 1
+    assert set(mine[0]["rules"][0]["allow"]) == KINDS
+
+
+def test_merge_switching_frontend_replaces_the_url():
+    first = backstage.merge(EXISTING, backstage.our_config(make_cfg(), ADDRESS))
+    second = backstage.merge(first, backstage.our_config(make_cfg(frontend="textgen"), ADDRESS))
+    assert second["ai_server"]["url"] == "http://ai-01.lab:7860"
+    assert second["backend"]["csp"]["frame-src"] == ["'self'", "http://ai-01.lab:7860"]
+    assert "http://ai-01.lab:3001" not in yaml.safe_dump(second)
+
+
+@pytest.mark.parametrize("existing", [None, {}, {"catalog": None}, {"catalog": {"locations": None}}])
+def test_merge_from_nothing(existing):
+    cfg = make_cfg()
+    ours = backstage.our_config(cfg, ADDRESS)
+    merged = backstage.merge(existing, ours)
+    assert merged == ours
+
+
+# --- render_config ---------------------------------------------------------------------------
+
+
+def test_render_config_without_existing_file(cfg, combo):
+    text = backstage.render_config(None, cfg, ADDRESS)
+    parsed = yaml.safe_load(text)
+    assert parsed == backstage.our_config(cfg, ADDRESS)
+    assert parsed["ai_server"]["url"] == GUI[combo[1]]
+
+
+def test_render_config_keeps_other_keys_of_an_existing_file():
+    cfg = make_cfg()
+    existing_text = (
+        "# the team's local overrides\n"
+        "app:\n"
+        "  title: Lab Portal\n"
+        "backend:\n"
+        "  database:\n"
+        "    client: better-sqlite3\n"
+        "    connection: ':memory:'\n"
+        "  csp:\n"
+        "    img-src: [\"'self'\", 'data:']\n"
+        "ai_server:\n"
+        "  url: http://localhost:3001\n"
+        "catalog:\n"
+        "  locations:\n"
+        "    - type: file\n"
+        "      target: ../../examples/entities.yaml\n"
+    )
+    parsed = yaml.safe_load(backstage.render_config(existing_text, cfg, ADDRESS))
+    assert parsed["app"] == {"title": "Lab Portal"}
+    assert parsed["backend"]["database"] == {"client": "better-sqlite3", "connection": ":memory:"}
+    assert parsed["backend"]["csp"]["img-src"] == ["'self'", "data:"]
+    assert parsed["backend"]["csp"]["frame-src"] == ["'self'", "http://ai-01.lab:3001"]
+    assert parsed["ai_server"]["url"] == "http://ai-01.lab:3001"
+    assert [location["target"] for location in parsed["catalog"]["locations"]] == [
+        "../../examples/entities.yaml",
+        CATALOG_TARGET,
+    ]
+    # Rendering the result again changes nothing.
+    again = backstage.render_config(backstage.render_config(existing_text, cfg, ADDRESS), cfg, ADDRESS)
+    assert yaml.safe_load(again) == parsed
+
+
+def test_render_config_of_an_empty_file():
+    cfg = make_cfg()
+    assert yaml.safe_load(backstage.render_config("# nothing yet\n", cfg, ADDRESS)) == backstage.our_config(cfg, ADDRESS)
+
+
+def test_render_config_rejects_invalid_yaml():
+    with pytest.raises(yaml.YAMLError):
+        backstage.render_config("app: [unclosed\n", make_cfg(), ADDRESS)
+
+
+# --- render_catalog --------------------------------------------------------------------------
+
+
+def test_render_catalog(cfg, combo):
+    entities = [entity for entity in yaml.safe_load_all(backstage.render_catalog(cfg, ADDRESS)) if entity]
+    for entity in entities:
+        assert entity["apiVersion"] == "backstage.io/v1alpha1"
+    by_kind: dict[str, list[dict]] = {}
+    for entity in entities:
+        by_kind.setdefault(entity["kind"], []).append(entity)
+    assert set(by_kind) == {"System", "Component", "API"}
+
+    assert [system["metadata"]["name"] for system in by_kind["System"]] == ["backchat"]
+
+    components = {c["metadata"]["name"]: c for c in by_kind["Component"]}
+    assert set(components) == {f"backchat-{service}" for service in cfg.services}
+    for component in components.values():
+        assert component["spec"]["system"] == "backchat"
+
+    apis = {a["metadata"]["name"]: a for a in by_kind["API"]}
+    backends = API_ORIGINS[combo]
+    assert set(apis) == {f"backchat-{service}-api" for service in backends}
+    for service, origin in backends.items():
+        api = apis[f"backchat-{service}-api"]
+        assert api["spec"]["type"] == "openapi"
+        assert api["spec"]["system"] == "backchat"
+        assert isinstance(api["spec"]["definition"], str)
+        definition = yaml.safe_load(api["spec"]["definition"])
+        assert definition["servers"][0]["url"] == f"{origin}/v1"
+        assert definition["servers"][0]["url"] == f"http://{ADDRESS}:{origin.rsplit(':', 1)[1]}/v1"
+        assert "/models" in definition["paths"]
+        assert components[f"backchat-{service}"]["spec"]["providesApis"] == [f"backchat-{service}-api"]
+    for name, component in components.items():
+        if name.removeprefix("backchat-") not in backends:
+            assert "providesApis" not in component["spec"]
+
+
+def test_render_catalog_entity_names_are_valid():
+    """Backstage entity names: [a-zA-Z0-9] separated by [-_.], at most 63 characters."""
+    import re
+
+    pattern = re.compile(r"^([A-Za-z0-9][-_.]?)*[A-Za-z0-9]$")
+    for backend, frontend in COMBINATIONS:
+        cfg = make_cfg(backend=backend, frontend=frontend)
+        for entity in yaml.safe_load_all(backstage.render_catalog(cfg, ADDRESS)):
+            name = entity["metadata"]["name"]
+            assert pattern.match(name) and len(name) <= 63, name

@@ -1,0 +1,94 @@
+"""The verify step against a real OpenAI-compatible server: llama-server from Debian's
+llama.cpp-tools, in a sid root, serving a tiny GGUF model the test writes."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from backchat import settings
+from backchat.verify import ask, check_all, key_is_enforced, wait_for_model
+from tests.harness.llama_server import LlamaServer, free_port
+from tests.harness.tiny_gguf import write_tiny_gguf
+
+pytestmark = pytest.mark.realhost
+
+KEY = "sk-test-key-1234"
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return write_tiny_gguf(tmp_path_factory.mktemp("model") / "tiny.gguf")
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    with LlamaServer(model, alias="gpt-3.5-turbo") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def keyed_server(model):
+    with LlamaServer(model, alias="gpt-3.5-turbo", api_key=KEY) as running:
+        yield running
+
+
+def test_model_listed_passes(server):
+    result = wait_for_model("llamacpp", server.url, "gpt-3.5-turbo", None, timeout=10)
+    assert result.ok and "gpt-3.5-turbo" in result.model_ids, result
+
+
+def test_server_started_late_passes_after_retries(model):
+    with LlamaServer(model, start_delay=4) as late:
+        result = wait_for_model("llamacpp", late.url, "gpt-3.5-turbo", None, timeout=90)
+    assert result.ok, result
+    assert result.seconds >= 3, "it can only have passed after the server came up"
+
+
+def test_wrong_alias_names_the_cause(model):
+    with LlamaServer(model, alias="mistral-7b-openorca.Q4_K_M.gguf") as wrong:
+        result = wait_for_model("llamacpp", wrong.url, "gpt-3.5-turbo", None, timeout=3)
+    assert not result.ok
+    assert "mistral-7b-openorca.Q4_K_M.gguf" in result.detail and "Chatbot UI will show no model" in result.detail
+
+
+def test_server_down_fails_clearly_within_the_timeout():
+    url = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    result = wait_for_model("localai", url, "gpt-3.5-turbo", None, timeout=4)
+    assert not result.ok and "connection refused" in result.detail and "gave up after" in result.detail
+    assert time.monotonic() - started < 4 + 10, "the timeout bounds the wait"
+
+
+def test_wrong_path_is_a_404(server):
+    result = wait_for_model("localai", f"{server.url}/not-here", "gpt-3.5-turbo", None, timeout=2)
+    assert not result.ok and "404" in result.detail and "wrong port or path" in result.detail
+
+
+def test_api_key_given_and_not_given(keyed_server):
+    assert wait_for_model("llamacpp", keyed_server.url, "gpt-3.5-turbo", KEY, timeout=10).ok
+    refused = wait_for_model("llamacpp", keyed_server.url, "gpt-3.5-turbo", None, timeout=2)
+    assert not refused.ok and "401" in refused.detail and "API key" in refused.detail
+    assert key_is_enforced(keyed_server.url) is None
+
+
+def test_key_not_enforced_is_reported(server):
+    assert "not enforced" in key_is_enforced(server.url)
+
+
+def test_chat_completion_is_well_formed(keyed_server):
+    first_line, seconds = ask(keyed_server.url, "gpt-3.5-turbo", KEY, timeout=120)
+    assert isinstance(first_line, str) and first_line and seconds >= 0
+
+
+def test_check_all_uses_the_settings(keyed_server):
+    data = settings.load_defaults()
+    data.update(
+        backend="llamacpp", localai_port=keyed_server.port, api_key=KEY,
+        verify_timeout=10, verify_chat=True, chat_timeout=120,
+    )
+    cfg = settings.validate(data)
+    (result,) = check_all(cfg, "127.0.0.1")
+    assert result.ok, result
+    assert result.url == keyed_server.url and result.detail.startswith("answered in")

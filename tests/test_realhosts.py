@@ -14,6 +14,7 @@ import re
 import pytest
 import yaml
 
+from backchat import settings, stack
 from tests.deploy_runner import run_deploy, write_inventory
 from tests.harness.hub import FakeHub
 from tests.harness.sandbox import GATEWAY
@@ -64,7 +65,7 @@ def snapshot(host, root="/opt/backchat") -> dict[str, str]:
 @pytest.fixture(scope="module")
 def fleet(sandbox_factory):
     return sandbox_factory(
-        ["bookworm", "trixie", "trixie", "trixie"], names=["bookworm", "trixie", "trixie-2", "trixie-3"]
+        ["bookworm", "trixie", "trixie", "trixie"], names=["ai-bookworm", "ai-trixie", "ai-trixie-2", "ai-trixie-3"]
     )
 
 
@@ -82,18 +83,18 @@ def test_bookworm_with_debian_packages_is_refused_clearly(first_run, fleet):
     _, run = first_run
     bookworm = fleet[0]
     assert run.returncode != 0, run
-    assert "[bookworm] Will refuse:" in run.stderr and "compose v1" in run.stderr, run
+    assert "[ai-bookworm] Will refuse:" in run.stderr and "compose v1" in run.stderr, run
     assert "docker_source = 'docker'" in run.stderr
     # The refusal is the first thing that runs there: nothing on the host changed.
     assert bookworm.run("test -e /opt/backchat", check=False).returncode != 0
     assert bookworm.run("dpkg -s docker.io", check=False).returncode != 0
-    assert "bookworm" in run.results["failed_hosts"]
+    assert run.results["failed_hosts"] == ["ai-bookworm"]
 
 
 def test_trixie_is_deployed_for_real(first_run, fleet, model_bytes, hub):
     _, run = first_run
     trixie = fleet[1]
-    assert "trixie" not in run.results["failed_hosts"], run
+    assert "ai-trixie" not in run.results["failed_hosts"], run
     # Docker from Debian's own packages, compose v2 as the docker CLI plugin.
     assert trixie.run("dpkg -s docker.io docker-compose >/dev/null && echo ok").stdout.strip() == "ok"
     assert re.search(r"version v?2\.", trixie.run("docker compose version").stdout)
@@ -132,13 +133,33 @@ def test_compose_file_accepted_by_docker_compose(first_run, fleet):
     assert done.stdout.strip() == "valid", done.stderr
 
 
+@pytest.mark.parametrize("api_key", [None, "k3y-abcdefgh"])
+@pytest.mark.parametrize(
+    "backend, frontend",
+    [("localai", "chatbot-ui"), ("textgen", "textgen"), ("textgen", "chatbot-ui"), ("localai", "textgen"), ("llamacpp", "chatbot-ui")],
+)
+def test_every_variant_is_accepted_by_docker_compose(first_run, fleet, backend, frontend, api_key):
+    """Every backend/frontend/key combination, rendered here, parsed by compose v2 there."""
+    data = settings.load_defaults()
+    data.update(backend=backend, frontend=frontend, api_key=api_key)
+    cfg = settings.validate(data)
+    project = f"/tmp/variant-{backend}-{frontend}-{bool(api_key)}"
+    rendered = stack.rendered_files(cfg, threads=3)
+    target = fleet[1].root / project.lstrip("/")
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("docker-compose.yaml", ".env"):
+        (target / name).write_text(rendered[f"{cfg.stack_dir}/{name}"][0])
+    done = fleet[1].run(f"cd {project} && docker compose config -q && echo valid", check=False)
+    assert done.stdout.strip() == "valid", done.stderr
+
+
 def test_second_run_changes_nothing(first_run, fleet, hub):
     inventory, _ = first_run
     trixie = fleet[1]
     before = snapshot(trixie)
     served_before = hub.bytes_served.get(MODEL, 0)
     trixie.run("rm -f /tmp/sha256-ran; true")
-    run = run_deploy(inventory, *deploy_data(hub), limit="trixie")
+    run = run_deploy(inventory, *deploy_data(hub), limit="ai-trixie")
     assert run.returncode == 0, run
     assert run.changed_ops() == [], run
     assert hub.bytes_served.get(MODEL, 0) == served_before, "the model was downloaded again"
@@ -162,13 +183,13 @@ def test_fleet_in_parallel_and_a_dead_host_is_named(fleet, hub, tmp_path):
     finally:
         fleet[3].start_sshd()
     assert one_down.returncode != 0, "a failed host must fail the run"
-    assert one_down.results["failed_hosts"] == ["trixie-3"], one_down
+    assert one_down.results["failed_hosts"] == ["ai-trixie-3"], one_down
     for host in fleet[1:3]:
         assert host.run("test -s /opt/backchat/docker-compose.yaml").returncode == 0
     report = one_down.stderr.split("--> Backchat report:")[-1]
     lines = {line.split()[0]: line for line in report.strip().splitlines()[1:4]}
-    assert "FAILED" in lines["trixie-3"] and "could not connect" in report, report
-    assert "not started" in lines["trixie"] and "not started" in lines["trixie-2"], report
+    assert "FAILED" in lines["ai-trixie-3"] and "could not connect" in report, report
+    assert "not started" in lines["ai-trixie"] and "not started" in lines["ai-trixie-2"], report
 
 
 def test_existing_backstage_config_is_kept(fleet, hub, tmp_path):

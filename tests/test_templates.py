@@ -9,8 +9,6 @@ the templates that breaks the contract fails here.
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 
 import pytest
 import yaml
@@ -493,38 +491,5 @@ def test_render_single_template_matches_rendered_files():
     assert stack.render("docker-compose.yaml.j2", cfg, 4) == files["/opt/backchat/docker-compose.yaml"][0]
     assert stack.render("env.j2", cfg, 4) == files["/opt/backchat/.env"][0]
 
-
-# --- Docker's own parser -----------------------------------------------------------------
-
-
-def _compose_unavailable() -> str | None:
-    if shutil.which("docker") is None:
-        return "no docker client on PATH"
-    try:
-        probe = subprocess.run(
-            ["docker", "compose", "version"], capture_output=True, text=True, timeout=30
-        )
-    except (OSError, subprocess.TimeoutExpired) as error:
-        return f"docker compose version failed: {error}"
-    if probe.returncode != 0:
-        detail = (probe.stderr or probe.stdout).strip().splitlines()
-        return f"the docker compose plugin is missing ({detail[0] if detail else probe.returncode})"
-    return None
-
-
-def test_docker_compose_config_accepts_the_file(tmp_path, combo, api_key):
-    reason = _compose_unavailable()
-    if reason:
-        pytest.skip(reason)
-    backend, frontend = combo
-    cfg = make_cfg(backend=backend, frontend=frontend, api_key=api_key)
-    files = stack.rendered_files(cfg, 4)
-    (tmp_path / "docker-compose.yaml").write_text(files[f"{cfg.stack_dir}/docker-compose.yaml"][0])
-    (tmp_path / ".env").write_text(files[f"{cfg.stack_dir}/.env"][0])
-    result = subprocess.run(
-        ["docker", "compose", "--project-directory", str(tmp_path), "-f",
-         str(tmp_path / "docker-compose.yaml"), "config", "-q"],
-        capture_output=True, text=True, timeout=60,
-        env={"PATH": "/usr/bin:/bin:/usr/local/bin", "HOME": str(tmp_path)},
-    )
-    assert result.returncode == 0, result.stderr
+# Docker's own parser checks every variant in tests/test_realhosts.py, on a trixie host
+# where the deploy installed compose v2 (this machine has no compose v2 to run).

@@ -24,6 +24,8 @@ DEFAULTS_FILE = PROJECT_DIR / "group_data" / "all.py"
 BACKENDS = ("localai", "textgen", "llamacpp")
 FRONTENDS = ("chatbot-ui", "textgen")
 DOCKER_SOURCES = ("docker", "debian")
+MODEL_SOURCES = ("hub", "controller", "mirror")
+MODEL_VERIFY = ("marker", "full")
 
 # Conservative character sets: anything outside them has no business in these values, and
 # rejecting it up front is clearer than discovering a quoting bug on a host.
@@ -62,6 +64,9 @@ class Settings:
     model_revision: str
     model_sha256: str | None
     model_id: str
+    model_source: str
+    model_mirror_url: str | None
+    model_verify: str
     hf_endpoint: str | None
     min_memory_mb: int
     threads: int | None
@@ -77,6 +82,7 @@ class Settings:
     chatbot_ui_image: str
     textgen_image: str
     llamacpp_image: str
+    image_archives: tuple[str, ...]
     api_key: str | None = field(repr=False)  # a secret: kept out of logs and plans
     start: bool
     backstage_app_dir: str
@@ -170,6 +176,18 @@ def _users(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _local_files(value: Any) -> tuple[str, ...]:
+    """Paths on the controller (image tarballs for `docker load`): they must exist now."""
+    if isinstance(value, str):
+        value = [value] if value else []
+    if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) for item in value):
+        raise _Invalid("must be a list of file paths", 'use e.g. ["images/localai.tar"] or []')
+    missing = [item for item in value if not Path(item).is_file()]
+    if missing:
+        raise _Invalid(f"lists files that do not exist here: {missing}", "save them with docker save, or fix the paths")
+    return tuple(str(Path(item).resolve()) for item in value)
+
+
 def _secret(value: Any) -> str | None:
     if value in (None, ""):
         return None
@@ -192,6 +210,9 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "model_revision": _pattern(_REVISION, "a commit, branch or tag", "a 40-hex commit id"),
     "model_sha256": _pattern(_SHA256, "64 lower-case hex digits", "the file's sha256, or None", True),
     "model_id": _pattern(_SAFE_NAME, "a model name", "gpt-3.5-turbo"),
+    "model_source": _choice(MODEL_SOURCES),
+    "model_mirror_url": _pattern(_URL, "an http(s) URL of the file", "http://mirror.lab:8000/models/x.gguf", True),
+    "model_verify": _choice(MODEL_VERIFY),
     "hf_endpoint": _pattern(_URL, "an http(s) URL", "https://huggingface.co", True),
     "min_memory_mb": _integer(0, 10**7, example=8192),
     "threads": _integer(1, 1024, optional=True, example=4),
@@ -207,6 +228,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "chatbot_ui_image": _pattern(_IMAGE, "an image reference", "ghcr.io/mckaywrigley/chatbot-ui:main"),
     "textgen_image": _pattern(_IMAGE, "an image reference", "atinoda/text-generation-webui:default-cpu"),
     "llamacpp_image": _pattern(_IMAGE, "an image reference", "ghcr.io/ggml-org/llama.cpp:server"),
+    "image_archives": _local_files,
     "api_key": _secret,
     "start": _boolean,
     "backstage_app_dir": _pattern(_SAFE_PATH, "an absolute path", "/srv/backstage"),
@@ -266,6 +288,11 @@ def _cross_checks(values: dict[str, Any]) -> list[str]:
                 f"{name} = {port} is also {seen[port]}. Fix: give each service its own port."
             )
         seen[port] = name
+    if values["model_source"] == "mirror" and not values["model_mirror_url"]:
+        problems.append(
+            "model_source = 'mirror' needs model_mirror_url. Fix: set model_mirror_url to the "
+            "file's URL on your LAN server, or use model_source = 'hub'."
+        )
     if not values["models_dir"].startswith("/") or values["models_dir"] == "/":
         problems.append("models_dir = '/' is not a directory of its own. Fix: use /opt/backchat/models.")
     return problems

@@ -34,6 +34,14 @@ model_sha256 = "83967e58c10c25fbe9d358b6d9e9a8212ca8a292061110dcb68511d39133407b
 # The id every backend lists in /v1/models. Legacy Chatbot UI only shows the ids
 # gpt-3.5-turbo, gpt-35-turbo, gpt-4 and gpt-4-32k, so the local model wears one.
 model_id = "gpt-3.5-turbo"
+# Where hosts get the model: "hub" (each host from the Hub by the resolved commit),
+# "controller" (downloaded once here, pushed to the hosts over SSH: a fleet pulls it from
+# upstream once), or "mirror" (each host from model_mirror_url, a LAN HTTP server).
+model_source = "hub"
+model_mirror_url = None
+# "marker": trust a file whose size and mtime match the record of its last verification
+# (re-runs read nothing). "full": hash it again (after disk trouble, or to be sure).
+model_verify = "marker"
 # Hub or Hub mirror; None means $HF_ENDPOINT or https://huggingface.co. The token for
 # gated repos is read from $HF_TOKEN on the controller and stored 0600 on hosts.
 hf_endpoint = None
@@ -63,7 +71,11 @@ textgen_api_port = 5001   # Text Gen WebUI's OpenAI API (container port 5000)
 localai_image = "localai/localai:v4.9.0"
 chatbot_ui_image = "ghcr.io/mckaywrigley/chatbot-ui:main"
 textgen_image = "atinoda/text-generation-webui:default-cpu"
-llamacpp_image = "ghcr.io/ggml-org/llama.cpp:server"
+# llama.cpp's build-numbered tag (its default port is changing; the compose file sets it).
+llamacpp_image = "ghcr.io/ggml-org/llama.cpp:server-b11206"
+# Image tarballs on the controller (docker save ...) to `docker load` on hosts with no
+# registry access. Their tags must match the image settings above.
+image_archives = []
 
 # --- Secrets ---------------------------------------------------------------------
 # API key the backends require (None: no key). Kept in a 0600 .env on the host, never

@@ -127,7 +127,7 @@ def test_compose_images_come_from_settings(rendered):
     cfg = rendered.cfg
     images = {
         "localai": (cfg.localai_image, "localai/localai:v4.9.0"),
-        "llamacpp": (cfg.llamacpp_image, "ghcr.io/ggml-org/llama.cpp:server"),
+        "llamacpp": (cfg.llamacpp_image, "ghcr.io/ggml-org/llama.cpp:server-b11206"),
         "textgen": (cfg.textgen_image, "atinoda/text-generation-webui:default-cpu"),
         "chatbot-ui": (cfg.chatbot_ui_image, "ghcr.io/mckaywrigley/chatbot-ui:main"),
     }

@@ -1,0 +1,343 @@
+"""End to end: the real deploy, run as a user runs it, against a Debian 13 VM with systemd.
+
+One VM for the module (tests/harness/vm.py; QEMU TCG, so it is slow: see the timings this
+prints with ``pytest -s``). The phases run in order and each needs the one before:
+
+1. the deploy installs Docker (Debian's docker.io, through the test's apt proxy) and the
+   model, then stops at ``compose up``: the llama.cpp image does not exist yet (no
+   container registry is reachable here), and the failure names it;
+2. the test imports a stand-in image (Debian sid's llama-server) into the VM's Docker; the
+   deploy then brings the stack up, verify passes, and a chat completion answers;
+3. a re-run changes nothing and leaves the container alone;
+4. after a reboot the stack comes back by itself, and a deploy changes nothing.
+
+The model comes from a fake Hub on the controller's 127.0.0.1. The deploy resolves it on
+the controller and downloads it on the host from the same ``hf_endpoint``, so the guest
+gets 127.0.0.1:<hub ports> forwarded to the controller (``TestVM.expose_host_port``).
+Likewise verify connects to ``ssh_hostname:localai_port`` = 127.0.0.1:P, so P is
+forwarded to the same port P in the guest, where Docker publishes the server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.harness import vm as vmh
+from tests.harness.fixtures import require_realhosts
+from tests.harness.hub import FakeHub
+from tests.harness.tiny_gguf import write_tiny_gguf
+
+pytestmark = [pytest.mark.vm, pytest.mark.realhost]
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+HOST_NAME = "backchat-vm"
+REPO, FILE = "test/tiny-GGUF", "tiny.gguf"
+LLAMA_IMAGE = "backchat-test/llama-server:sid"
+# No registry is reachable: Chatbot UI's image is replaced by a container that just runs.
+CHATBOT_UI_IMAGE = "backchat-test/chatbot-ui:stub"
+MODEL_ID = "gpt-3.5-turbo"
+# Settings a user would pass; secrets and endpoints of the developer's shell stay out.
+SCRUBBED_ENV = ("BACKCHAT_API_KEY", "HF_TOKEN", "HF_ENDPOINT", "BACKCHAT_HOSTS", "BACKCHAT_VAGRANT")
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+@dataclass
+class E2E:
+    vm: vmh.TestVM
+    hub: FakeHub
+    port: int  # localai_port: the same number on the controller and in the guest
+    model_sha256: str
+    workdir: Path
+    image_tar: Path
+    timings: dict[str, float] = field(default_factory=dict)
+    done: set[str] = field(default_factory=set)
+
+    def phase(self, name: str, seconds: float) -> None:
+        self.timings[name] = seconds
+        print(f"\n[vm-e2e] {name}: {seconds:.0f}s", flush=True)
+
+    def needs(self, phase: str) -> None:
+        if phase not in self.done:
+            pytest.skip(f"needs the earlier phase {phase!r}, which did not pass")
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def _unavailable(reason: str) -> None:
+    if os.environ.get("BACKCHAT_REQUIRE_REALHOSTS") == "1":
+        pytest.fail(f"BACKCHAT_REQUIRE_REALHOSTS=1 but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def e2e(tmp_path_factory) -> E2E:
+    require_realhosts()
+    reason = vmh.unavailable_reason()
+    if reason:
+        _unavailable(reason)
+    workdir = tmp_path_factory.mktemp("vm-e2e")
+    timings: dict[str, float] = {}
+
+    cold = not (vmh.vm_image_dir() / "disk.img").is_file()
+    started = time.monotonic()
+    vmh.vm_disk_image()
+    timings[f"VM image ({'cold build' if cold else 'cached'})"] = time.monotonic() - started
+    cold = not any((vmh.CACHE / "roots").glob("sid-llama-*-image-*.tar"))
+    started = time.monotonic()
+    image_tar = vmh.llama_image_tar()
+    timings[f"llama image tar ({'cold build' if cold else 'cached'})"] = time.monotonic() - started
+
+    model = write_tiny_gguf(workdir / FILE)
+    model_sha256 = hashlib.sha256(model.read_bytes()).hexdigest()
+    port = vmh.free_port()
+
+    with contextlib.ExitStack() as stack:
+        hub = stack.enter_context(FakeHub("127.0.0.1"))
+        hub.add_file(REPO, FILE, model)
+        machine = stack.enter_context(vmh.TestVM(workdir=workdir / "vm", ports={port: port}))
+        state = E2E(machine, hub, port, model_sha256, workdir, image_tar, timings)
+        for name, seconds in list(timings.items()):
+            state.phase(name, seconds)
+        state.phase("boot to SSH", machine.boot_seconds)
+        machine.expose_host_port(hub.hub_port)
+        machine.expose_host_port(hub.cdn_port)
+        try:
+            yield state
+        finally:
+            total = sum(state.timings.values())
+            lines = [f"  {name:<44} {seconds:7.0f}s" for name, seconds in state.timings.items()]
+            print("\n[vm-e2e] timings:\n" + "\n".join(lines) + f"\n  {'total':<44} {total:7.0f}s", flush=True)
+            print(f"[vm-e2e] logs: {workdir}", flush=True)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@dataclass
+class Run:
+    returncode: int
+    output: str
+    seconds: float
+    report: list[dict]
+
+    @property
+    def text(self) -> str:
+        return ANSI.sub("", self.output)
+
+
+def deploy(e2e: E2E, label: str, timeout: float = 2400) -> Run:
+    """``python -m pyinfra -y INVENTORY deploy.py --data ...`` from the project directory."""
+    inventory = e2e.workdir / "inventory.py"
+    host_data = {**e2e.vm.pyinfra_data(), "model_sha256": e2e.model_sha256}
+    inventory.write_text(f"vms = [({HOST_NAME!r}, {host_data!r})]\n")
+    report = e2e.workdir / f"report-{label}.json"
+    report.unlink(missing_ok=True)
+    settings = {
+        "backend": "llamacpp",
+        "docker_source": "debian",
+        "llamacpp_image": LLAMA_IMAGE,
+        "chatbot_ui_image": CHATBOT_UI_IMAGE,
+        "model_repo": REPO,
+        "model_file": FILE,
+        "model_revision": "main",
+        "hf_endpoint": e2e.hub.endpoint("127.0.0.1"),
+        "min_memory_mb": "0",
+        "localai_port": str(e2e.port),
+        "verify_timeout": "300",
+        "report_path": str(report),
+    }
+    cmd = [sys.executable, "-m", "pyinfra", "-y", str(inventory), "deploy.py"]
+    for key, value in settings.items():
+        cmd += ["--data", f"{key}={value}"]
+    env = {k: v for k, v in os.environ.items() if k not in SCRUBBED_ENV}
+    started = time.monotonic()
+    try:
+        proc = subprocess.run(
+            cmd, cwd=PROJECT_DIR, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, timeout=timeout,
+        )  # fmt: skip
+        returncode, output = proc.returncode, proc.stdout
+    except subprocess.TimeoutExpired as exc:
+        out = exc.output or ""
+        returncode, output = -1, (out.decode(errors="replace") if isinstance(out, bytes) else out)
+        output += f"\n(pyinfra killed after {timeout:.0f}s)"
+    seconds = time.monotonic() - started
+    (e2e.workdir / f"deploy-{label}.log").write_text(output)
+    entries = json.loads(report.read_text()) if report.is_file() else []
+    return Run(returncode, output, seconds, entries)
+
+
+def results(run: Run) -> tuple[dict[str, int], list[str]]:
+    """pyinfra's results table: the Grand total (hosts, success = changed, error,
+    no_change) and the names of the operations that changed something."""
+    totals: dict[str, int] = {}
+    changed: list[str] = []
+    in_table = False
+    for line in run.text.splitlines():
+        cells = re.split(r"\s{3,}", line.strip())
+        if cells[:5] == ["Operation", "Hosts", "Success", "Error", "No Change"]:
+            in_table = True
+            continue
+        if not in_table or len(cells) < 5:
+            continue
+        name, counts = " ".join(cells[:-4]), [0 if c == "-" else int(c) for c in cells[-4:]]
+        if name == "Grand total":
+            totals = dict(zip(("hosts", "success", "error", "no_change"), counts))
+            in_table = False
+        elif counts[1]:
+            changed.append(name)
+    assert totals, f"no results table in pyinfra's output:\n{run.text[-6000:]}"
+    return totals, changed
+
+
+def diagnostics(e2e: E2E) -> str:
+    proc = e2e.vm.run(
+        "docker compose -p backchat ps -a; docker compose -p backchat logs --tail 40; "
+        "journalctl -u docker --no-pager -n 30; docker images",
+        check=False,
+        timeout=120,
+    )
+    return f"--- in the VM:\n{proc.stdout}{proc.stderr}"
+
+
+def explain(run: Run, e2e: E2E | None = None) -> str:
+    extra = diagnostics(e2e) if e2e is not None else ""
+    return f"pyinfra exited {run.returncode} after {run.seconds:.0f}s:\n{run.text[-12000:]}\n{extra}"
+
+
+def container_id(e2e: E2E, service: str) -> str:
+    return e2e.vm.run(
+        "docker ps -q --no-trunc --filter label=com.docker.compose.project=backchat "
+        f"--filter label=com.docker.compose.service={service}"
+    ).stdout.strip()
+
+
+def assert_verified(run: Run, e2e: E2E) -> None:
+    """The Backchat report says the host works and verify saw the model listed."""
+    assert "--> Backchat report:" in run.text, explain(run, e2e)
+    rows = {entry["host"]: entry for entry in run.report}
+    assert rows.get(HOST_NAME, {}).get("result") == "ok", f"report: {run.report}\n" + explain(run, e2e)
+    assert rows[HOST_NAME]["verify"] == "pass" and rows[HOST_NAME]["model_id"] == MODEL_ID, run.report
+    table = run.text.split("--> Backchat report:", 1)[1]
+    assert re.search(rf"^{HOST_NAME}\s+ok\s+llamacpp\s+{MODEL_ID}\b", table, re.M), table
+    assert f"{e2e.api}/v1/models: lists {MODEL_ID}" in run.text, explain(run, e2e)
+
+
+def assert_no_changes(run: Run, e2e: E2E) -> None:
+    assert run.returncode == 0, explain(run, e2e)
+    totals, changed = results(run)
+    assert totals["success"] == 0 and totals["error"] == 0 and not changed, (
+        f"a re-run changed {changed} (totals {totals}):\n{run.text[-8000:]}"
+    )
+
+
+# --------------------------------------------------------------------------- phases
+
+
+def test_first_deploy_installs_docker_and_stops_at_the_missing_image(e2e: E2E) -> None:
+    run = deploy(e2e, "1-no-image")
+    e2e.phase("deploy 1 (docker.io install, model, compose fails)", run.seconds)
+    assert run.returncode != 0, explain(run, e2e)
+    assert LLAMA_IMAGE.split(":")[0] in run.text, explain(run, e2e)
+    assert e2e.vm.run("systemctl is-active docker", check=False).stdout.strip() == "active"
+    assert e2e.vm.run("docker compose version").returncode == 0
+    rows = {entry["host"]: entry for entry in run.report}
+    assert rows[HOST_NAME]["result"] == "FAILED", run.report
+    assert "docker compose up" in rows[HOST_NAME].get("failure", ""), run.report
+    e2e.done.add("docker")
+
+
+def test_deploy_brings_up_the_stack_and_it_answers(e2e: E2E) -> None:
+    e2e.needs("docker")
+    vm = e2e.vm
+    started = time.monotonic()
+    vm.copy_to(e2e.image_tar, "/root/llama-image.tar")
+    vm.run(
+        f"docker import --change 'ENTRYPOINT [\"/usr/bin/llama-server\"]' /root/llama-image.tar {LLAMA_IMAGE}"
+        " && rm /root/llama-image.tar"
+        # The frontend stand-in: same layer, runs nothing, stops at once.
+        f" && docker create --name bc-stub {LLAMA_IMAGE}"
+        f" && docker commit --change 'ENTRYPOINT [\"sleep\", \"infinity\"]' --change 'STOPSIGNAL SIGKILL'"
+        f" bc-stub {CHATBOT_UI_IMAGE} && docker rm bc-stub"
+    )
+    e2e.phase("copy + docker import of the llama image", time.monotonic() - started)
+
+    run = deploy(e2e, "2-up")
+    e2e.phase("deploy 2 (compose up, verify)", run.seconds)
+    assert run.returncode == 0, explain(run, e2e)
+
+    assert vm.run("systemctl is-active docker", check=False).stdout.strip() == "active"
+    sha = vm.run(f"sha256sum /opt/backchat/models/{FILE}").stdout.split()[0]
+    assert sha == e2e.model_sha256
+    ps = vm.run("docker compose -p backchat ps --format '{{.Service}} {{.Status}}'").stdout
+    assert re.search(r"^llamacpp Up .*\(healthy\)", ps, re.M), ps + diagnostics(e2e)
+    assert re.search(r"^chatbot-ui Up", ps, re.M), ps
+    assert_verified(run, e2e)
+
+    response = httpx.post(
+        f"{e2e.api}/v1/chat/completions",
+        json={"model": MODEL_ID, "messages": [{"role": "user", "content": "Who was president in 1997?"}],
+              "max_tokens": 8},
+        timeout=300,
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["object"] == "chat.completion", body
+    choice = body["choices"][0]
+    assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str), body
+    assert choice["finish_reason"] in ("length", "stop"), body
+    assert 0 < body["usage"]["completion_tokens"] <= 8, body
+    e2e.done.add("up")
+
+
+def test_rerun_changes_nothing_and_keeps_the_container(e2e: E2E) -> None:
+    e2e.needs("up")
+    before = container_id(e2e, "llamacpp")
+    assert before
+    run = deploy(e2e, "3-rerun")
+    e2e.phase("deploy 3 (re-run, no changes)", run.seconds)
+    assert_no_changes(run, e2e)
+    assert_verified(run, e2e)
+    assert container_id(e2e, "llamacpp") == before, "the re-run recreated the llamacpp container"
+    e2e.done.add("idempotent")
+
+
+def test_stack_comes_back_after_a_reboot(e2e: E2E) -> None:
+    e2e.needs("up")
+    before = container_id(e2e, "llamacpp")
+    e2e.phase("reboot to SSH", e2e.vm.reboot())
+
+    started = time.monotonic()
+    last = "no answer"
+    while True:
+        try:
+            response = httpx.get(f"{e2e.api}/v1/models", timeout=10)
+            if response.status_code == 200 and MODEL_ID in [m.get("id") for m in response.json()["data"]]:
+                break
+            last = f"HTTP {response.status_code}: {response.text[:200]}"
+        except (httpx.HTTPError, ValueError, KeyError) as exc:
+            last = repr(exc)
+        if time.monotonic() - started > 300:
+            pytest.fail(f"/v1/models did not come back after the reboot ({last})\n{diagnostics(e2e)}")
+        time.sleep(3)
+    e2e.phase("stack back after reboot (from SSH up)", time.monotonic() - started)
+    assert container_id(e2e, "llamacpp") == before  # restarted, not recreated
+
+    run = deploy(e2e, "4-after-reboot")
+    e2e.phase("deploy 4 (after reboot, no changes)", run.seconds)
+    assert_no_changes(run, e2e)
+    assert_verified(run, e2e)

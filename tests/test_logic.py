@@ -1,0 +1,92 @@
+"""The small decisions the deploy makes on facts: refuse, trust the model, restart the stack."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from backchat import preflight, report, settings, stack
+from backchat.model import is_verified
+
+
+@pytest.fixture
+def cfg():
+    return settings.validate(settings.load_defaults())
+
+
+def os_info(os_id="debian", version="13", arch="amd64", codename="trixie"):
+    return {"id": os_id, "version_id": version, "codename": codename, "arch": arch, "pretty_name": f"{os_id} {version}"}
+
+
+@pytest.mark.parametrize("release", [("debian", "12"), ("debian", "13"), ("ubuntu", "22.04"), ("ubuntu", "24.04")])
+def test_supported_releases_pass(cfg, release):
+    assert preflight.problems(cfg, os_info(*release), memory_mb=16000) == []
+
+
+@pytest.mark.parametrize(
+    "info, memory, words",
+    [
+        (os_info("debian", "11"), 16000, ["debian 11 is not supported", "Debian 12"]),
+        (os_info("fedora", "40"), 16000, ["not supported"]),
+        (os_info(arch="armhf"), 16000, ["architecture armhf"]),
+        (os_info(), 4000, ["4000 MB of RAM", "min_memory_mb"]),
+    ],
+)
+def test_unsupported_hosts_get_a_reason(cfg, info, memory, words):
+    found = " ".join(preflight.problems(cfg, info, memory))
+    for word in words:
+        assert word in found
+
+
+def test_debian_12_with_distribution_packages_is_refused(cfg):
+    data = settings.load_defaults() | {"docker_source": "debian"}
+    found = preflight.problems(settings.validate(data), os_info("debian", "12"), 16000)
+    assert len(found) == 1 and "compose v1" in found[0] and "docker_source = 'docker'" in found[0]
+
+
+def test_start_needs_systemd(cfg):
+    assert "not systemd" in preflight.problems(cfg, os_info(), 16000, init="bash")[0]
+    no_start = settings.validate(settings.load_defaults() | {"start": False})
+    assert preflight.problems(no_start, os_info(), 16000, init="bash") == []
+
+
+def test_marker_is_trusted_only_when_size_and_mtime_match():
+    marker = {"sha256": "a" * 64, "size": 100, "mtime": 7}
+    assert is_verified({"size": 100, "mtime": 7, "marker": marker}, "a" * 64, 100)
+    assert not is_verified({"size": 100, "mtime": 8, "marker": marker}, "a" * 64, 100)  # touched since
+    assert not is_verified({"size": 99, "mtime": 7, "marker": marker}, "a" * 64, 100)  # truncated
+    assert not is_verified({"size": 100, "mtime": 7, "marker": marker}, "b" * 64, 100)  # another file wanted
+    assert not is_verified({"size": 100, "mtime": 7, "marker": None}, "a" * 64, 100)
+
+
+def test_stack_out_of_date():
+    running = {"services": {"localai": {"want": "h1", "have": "h1", "state": "running"}}}
+    assert stack.out_of_date(running, ["localai"]) == []
+    assert stack.out_of_date(running, ["localai", "chatbot-ui"]) == ["chatbot-ui"]
+    assert stack.out_of_date(None, ["localai"]) == ["localai"]
+    changed = {"services": {"localai": {"want": "h2", "have": "h1", "state": "running"}}}
+    assert stack.out_of_date(changed, ["localai"]) == ["localai"]
+    stopped = {"services": {"localai": {"want": "h1", "have": "h1", "state": "exited"}}}
+    assert stack.out_of_date(stopped, ["localai"]) == ["localai"]
+
+
+def test_thread_count(cfg):
+    assert stack.thread_count(cfg, {"physical": 6}) == 6
+    assert stack.thread_count(settings.validate(settings.load_defaults() | {"threads": 2}), {"physical": 6}) == 2
+
+
+def test_report_names_every_host_and_why(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "_records", {})
+    hosts = [SimpleNamespace(name=name) for name in ("ai-01", "ai-02", "ai-03")]
+    state = SimpleNamespace(inventory=hosts, failed_hosts=[hosts[1], hosts[2]])
+    report.record("ai-01", verify="pass", backends="localai", model_id="gpt-3.5-turbo", seconds=3.2)
+    report.record("ai-02", failure="Refused: Debian 11 is not supported")
+    report.record("ai-02", failure="a later, less useful error")
+    rows = report.rows(state)
+    assert [row["result"] for row in rows] == ["ok", "FAILED", "FAILED"]
+    assert rows[1]["failure"] == "Refused: Debian 11 is not supported"
+    assert "could not connect" in rows[2]["failure"]
+    table = report.format_table(rows)
+    assert table.splitlines()[0].split()[:2] == ["host", "result"]
+    assert "ai-02: Refused: Debian 11 is not supported" in table
+    json.dumps(rows)  # the JSON report holds plain data

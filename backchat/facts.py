@@ -259,3 +259,16 @@ class ComposeStack(FactBase):
                 entry = services.setdefault(fields[1], {})
                 entry["have"], entry["state"] = fields[2], fields[3]
         return {"services": services} if services else None
+
+
+class DockerImageTags(FactBase):
+    """Returns the ``repo:tag`` names of the images the host's Docker has (empty without Docker)."""
+
+    def command(self) -> str:
+        return (
+            "command -v docker >/dev/null 2>&1 || exit 0; "
+            "docker image ls --format '{{.Repository}}:{{.Tag}}' 2>/dev/null; true"
+        )
+
+    def process(self, output):
+        return sorted({line.strip() for line in output if line.strip()})

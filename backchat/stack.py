@@ -8,14 +8,16 @@ re-run touches no container.
 from __future__ import annotations
 
 import io
+import json
+import tarfile
 from pathlib import Path
 
 import jinja2
 from pyinfra import host
 from pyinfra.api import StringCommand, QuoteString, operation
-from pyinfra.operations import files
+from pyinfra.operations import files, server
 
-from backchat.facts import ComposeStack, PhysicalCores
+from backchat.facts import ComposeStack, DockerImageTags, PhysicalCores
 from backchat.settings import Settings
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
@@ -100,6 +102,7 @@ def write_and_start(cfg: Settings, threads: int) -> None:
     if not cfg.start:
         host.noop("start = False: the stack is written but not started")
         return
+    load_image_archives(cfg)
     compose_up(
         name="Start the stack (docker compose up -d)",
         project_dir=cfg.stack_dir,
@@ -108,6 +111,32 @@ def write_and_start(cfg: Settings, threads: int) -> None:
         # LocalAI reads its model config at start; compose cannot see that file change.
         restart=["localai"] if changed.get(f"{cfg.models_dir}/{cfg.model_id}.yaml") else [],
     )
+
+
+def archive_tags(path: str) -> list[str]:
+    """The image names a `docker save` tarball holds (its manifest.json RepoTags)."""
+    with tarfile.open(path) as archive:
+        manifest = json.load(archive.extractfile("manifest.json"))
+    return sorted(tag for image in manifest for tag in image.get("RepoTags") or [])
+
+
+def load_image_archives(cfg: Settings) -> None:
+    """`docker load` the archives whose images the host lacks (no registry needed)."""
+    if not cfg.image_archives:
+        return
+    present = set(host.get_fact(DockerImageTags))
+    for archive in cfg.image_archives:
+        tags = archive_tags(archive)
+        if tags and set(tags) <= present:
+            host.noop(f"images {', '.join(tags)} already loaded")
+            continue
+        remote = f"{cfg.stack_dir}/images/{Path(archive).name}"
+        files.put(name=f"Upload {Path(archive).name}", src=archive, dest=remote, mode="0600")
+        server.shell(
+            name=f"Load {', '.join(tags) or Path(archive).name}",
+            # Loaded images live in Docker; the tarball would only take disk space.
+            commands=[StringCommand("docker", "load", "-i", QuoteString(remote), "&&", "rm", "-f", QuoteString(remote))],
+        )
 
 
 def out_of_date(stack: dict | None, services: list[str]) -> list[str]:
@@ -126,7 +155,7 @@ def compose_up(
     project_dir: str, services: list[str], files_changed: bool = False, restart: list[str] | None = None
 ):
     """
-    Pull missing images and bring the stack up, only when something differs.
+    Bring the stack up (pulling only missing images), only when something differs.
 
     + project_dir: directory holding docker-compose.yaml and .env
     + services: the services that must be running
@@ -138,7 +167,7 @@ def compose_up(
         host.noop(f"stack up to date: {', '.join(services)} running")
         return
     base = ["docker", "compose", "--project-directory", QuoteString(project_dir), "-p", PROJECT]
-    yield StringCommand(*base, "pull", "--quiet", "--ignore-pull-failures")
-    yield StringCommand(*base, "up", "-d", "--remove-orphans", "--wait", "--wait-timeout", "1800")
+    # --pull missing: images loaded from archives (air-gapped labs) are never pulled.
+    yield StringCommand(*base, "up", "-d", "--pull", "missing", "--remove-orphans", "--wait", "--wait-timeout", "1800")
     if restart:
         yield StringCommand(*base, "restart", *restart)

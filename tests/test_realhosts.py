@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import re
+import subprocess
+import sys
 
 import pytest
 import yaml
 
 from backchat import settings, stack
-from tests.deploy_runner import run_deploy, write_inventory
+from tests.deploy_runner import PROJECT, run_deploy, write_inventory
 from tests.harness.hub import FakeHub
 from tests.harness.sandbox import GATEWAY
 from tests.harness.tiny_gguf import write_tiny_gguf
@@ -238,3 +240,22 @@ def test_bad_input_stops_before_the_host_changes(fleet, hub, tmp_path, bad, word
     assert host.run("test -e /tmp/pwned.gguf", check=False).returncode != 0
     after = host.run("find / -xdev -newer /etc/hostname -type f 2>/dev/null | grep -v '^/proc' | wc -l; ls /opt/backchat 2>/dev/null; ls /tmp").stdout
     assert after == before
+
+
+def test_dry_run_shows_the_whole_plan_and_changes_nothing(sandbox_factory, hub, tmp_path):
+    (host,) = sandbox_factory(["trixie"], names=["ai-dry"])
+    inventory = write_inventory(tmp_path / "inventory.py", {host.name: host.pyinfra_data()})
+    before = host.run("ls -R /opt /etc/apt; dpkg -l | wc -l").stdout
+    served = hub.bytes_served.get(MODEL, 0)
+    done = subprocess.run(
+        [sys.executable, "-m", "pyinfra", "--dry", str(inventory), "deploy.py",
+         *[arg for item in deploy_data(hub) for arg in ("--data", item)]],
+        cwd=PROJECT, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    for step in ("Install Docker Engine and compose v2", "Download and verify tiny.gguf",
+                 "Write docker-compose.yaml", "Write app-config.local.yaml", "Verify /v1/models"):
+        assert step in done.stderr, done.stderr
+    assert host.run("ls -R /opt /etc/apt; dpkg -l | wc -l").stdout == before
+    assert hub.bytes_served.get(MODEL, 0) == served, "a dry run downloaded the model"
+    assert "Starting operation" not in done.stderr

@@ -33,7 +33,8 @@ def model_bytes(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def hub(model_bytes):
+def hub(model_bytes, fleet):
+    # Bound on the bridge's gateway address, which exists once the fleet's hosts do.
     with FakeHub(bind=GATEWAY) as hub:
         hub.commit = hub.add_file(REPO, MODEL, model_bytes)
         yield hub

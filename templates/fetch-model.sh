@@ -2,6 +2,9 @@
 # Fetch one model file: resume a partial download, verify its sha256, then record what was
 # verified so later runs can trust the file without reading it again.
 # Usage: fetch-model.sh URL DEST SHA256 SIZE MARKER [HEADER_FILE]
+# URL "-" fetches nothing: the controller pushes the bytes into DEST.part (model_source =
+# controller). Then the script checks an existing file, installs a complete .part, or exits
+# 100 ("bytes needed") for the controller to append the rest and call it again.
 set -eu
 url=$1 dest=$2 sha256=$3 size=$4 marker=$5 header_file=${6:-}
 part="$dest.part"
@@ -14,7 +17,9 @@ file_size() { stat -c %s "$1" 2>/dev/null || echo 0; }
 
 write_marker() {
     set -- $(stat -c '%s %Y' "$dest")
-    printf '{"sha256": "%s", "size": %s, "mtime": %s, "url": "%s"}\n' "$sha256" "$1" "$2" "$url" >"$marker.tmp"
+    from=$url
+    [ "$url" != - ] || from="pushed by the controller"
+    printf '{"sha256": "%s", "size": %s, "mtime": %s, "url": "%s"}\n' "$sha256" "$1" "$2" "$from" >"$marker.tmp"
     mv "$marker.tmp" "$marker"
 }
 
@@ -34,6 +39,11 @@ rm -f "$dest"
 
 # A partial file longer than the real one can only be junk.
 [ "$(file_size "$part")" -le "$size" ] || rm -f "$part"
+
+if [ "$url" = - ] && [ "$(file_size "$part")" -lt "$size" ]; then
+    echo "need bytes from $(file_size "$part") of $size"
+    exit 100
+fi
 
 attempt=1
 while [ "$(file_size "$part")" -lt "$size" ]; do
@@ -61,7 +71,10 @@ while [ "$(file_size "$part")" -lt "$size" ]; do
         # 33: the server ignored the range request; start over rather than append junk.
         [ "$status" -ne 33 ] || rm -f "$part"
         echo "download interrupted (curl exit $status)" >&2
-        [ "$attempt" -lt 5 ] || { echo "giving up after $attempt attempts; the next run resumes" >&2; exit 1; }
+        [ "$attempt" -lt 5 ] || {
+            echo "download failed: giving up after $attempt attempts (curl exit $status) at $(file_size "$part") of $size bytes; the next run resumes from there" >&2
+            exit 1
+        }
         attempt=$((attempt + 1))
         sleep "$attempt"
     fi

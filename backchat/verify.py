@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import httpx
 from pyinfra import host, logger
@@ -65,10 +66,21 @@ def _diagnose(response: httpx.Response | None, error: Exception | None, model_id
 
 
 def wait_for_model(
-    service: str, base_url: str, model_id: str, api_key: str | None, timeout: float
+    service: str,
+    base_url: str,
+    model_id: str,
+    api_key: str | None,
+    timeout: float,
+    on_wait: Callable[[str], None] | None = None,
+    every: float = 30.0,
 ) -> Result:
-    """Poll ``{base_url}/v1/models`` with backoff until ``model_id`` is listed or time is up."""
+    """Poll ``{base_url}/v1/models`` with backoff until ``model_id`` is listed or time is up.
+
+    ``on_wait`` hears about the wait every ``every`` seconds: a backend loading a 7B model
+    on a CPU can take minutes, and silence would look like a hang.
+    """
     start = time.monotonic()
+    next_note = start + every
     delay = 1.0
     detail = ""
     ids: list[str] = []
@@ -85,6 +97,9 @@ def wait_for_model(
                 return Result(service, base_url, True, round(elapsed, 1), ids)
             if elapsed + delay > timeout:
                 return Result(service, base_url, False, round(elapsed, 1), ids, f"{detail} (gave up after {elapsed:.0f}s)")
+            if on_wait and time.monotonic() >= next_note:
+                on_wait(f"still waiting for {service} ({elapsed:.0f}s of {timeout:.0f}s): {detail}")
+                next_note += every
             time.sleep(delay)
             delay = min(delay * 2, 15.0)
 
@@ -127,15 +142,17 @@ def connect_address() -> str:
     return "127.0.0.1" if address.startswith("@") else address
 
 
-def check_all(cfg: Settings, address: str) -> list[Result]:
+def check_all(cfg: Settings, address: str, on_wait: Callable[[str], None] | None = None) -> list[Result]:
     results = []
     for service, url in api_urls(cfg, address).items():
-        result = wait_for_model(service, url, cfg.model_id, cfg.api_key, cfg.verify_timeout)
+        result = wait_for_model(service, url, cfg.model_id, cfg.api_key, cfg.verify_timeout, on_wait)
         if result.ok and cfg.api_key:
             problem = key_is_enforced(url)
             if problem:
                 result.ok, result.detail = False, problem
         if result.ok and cfg.verify_chat:
+            if on_wait:
+                on_wait(f"asking {service}: {QUESTION!r} (a 7B model on CPU takes a while)")
             try:
                 answer, seconds = ask(url, cfg.model_id, cfg.api_key, cfg.chat_timeout)
                 result.detail = f"answered in {seconds}s: {answer}"
@@ -181,7 +198,7 @@ def backends(cfg: Settings):
         return
 
     started = time.monotonic()
-    results = check_all(cfg, connect_address())
+    results = check_all(cfg, connect_address(), on_wait=host.log)
     ok = all(result.ok for result in results)
     report.record(
         host.name,

@@ -92,3 +92,11 @@ def test_check_all_uses_the_settings(keyed_server):
     (result,) = check_all(cfg, "127.0.0.1")
     assert result.ok, result
     assert result.url == keyed_server.url and result.detail.startswith("answered in")
+
+
+def test_waiting_is_reported_while_it_lasts(model):
+    notes = []
+    with LlamaServer(model, start_delay=4) as late:
+        result = wait_for_model("llamacpp", late.url, "gpt-3.5-turbo", None, timeout=90, on_wait=notes.append, every=1)
+    assert result.ok
+    assert notes and all(note.startswith("still waiting for llamacpp") for note in notes), notes

@@ -9,6 +9,7 @@ Hugging Face Hub's protocol, serving a small GGUF file made by the test.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import subprocess
 import sys
@@ -182,7 +183,7 @@ def test_fleet_in_parallel_and_a_dead_host_is_named(fleet, hub, tmp_path):
     try:
         for host in fleet[1:3]:
             host.run("rm -f /opt/backchat/docker-compose.yaml")  # work the next run must redo
-        one_down = run_deploy(inventory, *deploy_data(hub))
+        one_down = run_deploy(inventory, *deploy_data(hub, report_path=tmp_path / "report.json"))
     finally:
         fleet[3].start_sshd()
     assert one_down.returncode != 0, "a failed host must fail the run"
@@ -193,6 +194,9 @@ def test_fleet_in_parallel_and_a_dead_host_is_named(fleet, hub, tmp_path):
     lines = {line.split()[0]: line for line in report.strip().splitlines()[1:4]}
     assert "FAILED" in lines["ai-trixie-3"] and "could not connect" in report, report
     assert "not started" in lines["ai-trixie"] and "not started" in lines["ai-trixie-2"], report
+    as_json = {row["host"]: row for row in json.loads((tmp_path / "report.json").read_text())}
+    assert as_json["ai-trixie-3"]["result"] == "FAILED"
+    assert as_json["ai-trixie"]["gui_url"] == "http://ai.lab.test:3001"
 
 
 def test_existing_backstage_config_is_kept(fleet, hub, tmp_path):

@@ -15,16 +15,10 @@ import pytest
 import yaml
 
 from backchat import backstage, settings
+from tests.variants import COMBINATIONS
 
 ADDRESS = "ai-01.lab"
 KINDS = {"System", "Component", "API", "Resource", "Domain", "Location", "Group", "User"}
-COMBINATIONS = [
-    ("localai", "chatbot-ui"),
-    ("textgen", "textgen"),
-    ("llamacpp", "chatbot-ui"),
-    ("localai", "textgen"),
-    ("textgen", "chatbot-ui"),
-]
 # Host-side API origins (defaults: localai/llamacpp 8080, textgen API 5001).
 API_ORIGINS = {
     ("localai", "chatbot-ui"): {"localai": "http://ai-01.lab:8080"},

@@ -22,6 +22,7 @@ from tests.deploy_runner import PROJECT, run_deploy, write_inventory
 from tests.harness.hub import FakeHub
 from tests.harness.sandbox import GATEWAY
 from tests.harness.tiny_gguf import write_tiny_gguf
+from tests.variants import COMBINATIONS
 
 pytestmark = pytest.mark.realhost
 
@@ -138,10 +139,7 @@ def test_compose_file_accepted_by_docker_compose(first_run, fleet):
 
 
 @pytest.mark.parametrize("api_key", [None, "k3y-abcdefgh"])
-@pytest.mark.parametrize(
-    "backend, frontend",
-    [("localai", "chatbot-ui"), ("textgen", "textgen"), ("textgen", "chatbot-ui"), ("localai", "textgen"), ("llamacpp", "chatbot-ui")],
-)
+@pytest.mark.parametrize("backend, frontend", COMBINATIONS)
 def test_every_variant_is_accepted_by_docker_compose(first_run, fleet, backend, frontend, api_key):
     """Every backend/frontend/key combination, rendered here, parsed by compose v2 there."""
     data = settings.load_defaults()

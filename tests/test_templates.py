@@ -14,19 +14,13 @@ import pytest
 import yaml
 
 from backchat import settings, stack
+from tests.variants import COMBINATIONS
 
 MODEL_ID = "gpt-3.5-turbo"
 MODEL_FILE = "mistral-7b-openorca.Q4_K_M.gguf"
 KEY = "k3y-abcdefgh"
 KEY_REF = re.compile(r"\$\{BACKCHAT_API_KEY(:?[?-][^}]*)?\}")
 
-COMBINATIONS = [
-    ("localai", "chatbot-ui"),
-    ("textgen", "textgen"),
-    ("llamacpp", "chatbot-ui"),
-    ("localai", "textgen"),
-    ("textgen", "chatbot-ui"),
-]
 # Container-side ports, fixed by the images (not settings).
 BACKEND_CONTAINER_PORT = {"localai": 8080, "llamacpp": 8080, "textgen": 5000}
 EXPECTED_SERVICES = {

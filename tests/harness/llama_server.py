@@ -17,7 +17,6 @@ coreutils) and network access to a Debian mirror for the first build.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -31,7 +30,9 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
+
+from tests.harness.sandbox import _flock as _locked, _mounts_under, _remove_tree as _rmtree, _unmount_under
 
 CACHE = Path(os.environ.get("BACKCHAT_TEST_CACHE", "/var/cache/backchat-tests"))
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
@@ -118,42 +119,11 @@ def _run(cmd: Sequence[str], log: Path | None = None, **kw) -> subprocess.Comple
     return proc
 
 
-@contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _mounts_under(path: Path) -> list[str]:
-    """Mount points at or below ``path`` in this mount namespace, deepest first."""
-    prefix = str(path.resolve())
-    found = []
-    with open("/proc/self/mountinfo") as fh:
-        for line in fh:
-            mnt = line.split()[4].encode().decode("unicode_escape")
-            if mnt == prefix or mnt.startswith(prefix + "/"):
-                found.append(mnt)
-    return sorted(found, key=len, reverse=True)
-
-
 def _umount_all(path: Path) -> None:
-    for mnt in _mounts_under(path):
-        if subprocess.run(["umount", mnt], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", mnt], capture_output=True)
+    _unmount_under(path)
     left = _mounts_under(path)
     if left:
         raise HarnessError(f"could not unmount {left}")
-
-
-def _rmtree(path: Path) -> None:
-    if path.exists():
-        _umount_all(path)  # never recurse into a mounted /proc or /dev
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def _chroot_env() -> dict[str, str]:

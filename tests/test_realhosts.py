@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -262,3 +263,26 @@ def test_dry_run_shows_the_whole_plan_and_changes_nothing(sandbox_factory, hub, 
     assert host.run("ls -R /opt /etc/apt; dpkg -l | wc -l").stdout == before
     assert hub.bytes_served.get(MODEL, 0) == served, "a dry run downloaded the model"
     assert "Starting operation" not in done.stderr
+
+
+def test_secrets_are_stored_0600_and_never_printed(fleet, hub, model_bytes, tmp_path):
+    host = fleet[2]
+    token, key = "hf_gatedTOKEN0123456789", "sk-backchat-SECRET-42"
+    hub.add_file("test/gated-GGUF", MODEL, model_bytes, gated=True, token=token)
+    inventory = write_inventory(tmp_path / "inventory.py", {host.name: host.pyinfra_data()})
+    env = {**os.environ, "HF_TOKEN": token, "BACKCHAT_API_KEY": key}
+    run = run_deploy(
+        inventory, *deploy_data(hub, model_repo="test/gated-GGUF", models_dir="/opt/gated"), env=env
+    )
+    assert run.returncode == 0, run
+    assert token not in run.stdout + run.stderr and key not in run.stdout + run.stderr
+    assert host.run("stat -c %a /opt/backchat/.env /opt/backchat/.hf-token-header").stdout.split() == ["600", "600"]
+    assert f"BACKCHAT_API_KEY={key}" in host.run("cat /opt/backchat/.env").stdout
+    assert key not in host.run("cat /opt/backchat/docker-compose.yaml /opt/gated/gpt-3.5-turbo.yaml").stdout
+
+    # Without the token the gated repo is refused with the fix named.
+    env.pop("HF_TOKEN")
+    refused = run_deploy(
+        inventory, *deploy_data(hub, model_repo="test/gated-GGUF", models_dir="/opt/gated-2"), env=env
+    )
+    assert refused.returncode != 0 and "HF_TOKEN" in refused.stderr, refused

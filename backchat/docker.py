@@ -9,6 +9,7 @@ from pyinfra.operations import apt, files, server, systemd
 from backchat.settings import Settings
 
 KEYRING = "/etc/apt/keyrings/docker.asc"
+BASE_PACKAGES = ["ca-certificates", "curl"]
 DOCKER_CE_PACKAGES = [
     "docker-ce",
     "docker-ce-cli",
@@ -38,13 +39,17 @@ def install(cfg: Settings, os_info: dict) -> None:
     installed = host.get_fact(DebPackages)
     sources_changed = False
 
+    # curl fetches Docker's key and, in step 2, the model (with resume). apt-get update only
+    # when something is missing: a fresh image has empty lists, a re-run must change nothing.
+    if any(name not in installed for name in [*BASE_PACKAGES, *wanted]):
+        apt.update(name="Update apt lists")
+    apt.packages(name="Install curl and CA certificates", packages=BASE_PACKAGES)
     if cfg.docker_source == "docker":
         apt.packages(
             name="Remove packages that conflict with Docker's",
             packages=[name for name in CONFLICTING_PACKAGES if name in installed],
             present=False,
         )
-        apt.packages(name="Install what fetching Docker's key needs", packages=["ca-certificates", "curl"])
         files.directory(name="Create the apt keyrings directory", path="/etc/apt/keyrings", mode="0755")
         key = files.download(
             name="Fetch Docker's apt signing key",
@@ -63,9 +68,8 @@ def install(cfg: Settings, os_info: dict) -> None:
         )
         sources_changed = key.will_change or source.will_change
 
-    # apt-get update only when something is missing: a re-run must change nothing.
-    if sources_changed or any(name not in installed for name in wanted):
-        apt.update(name="Update apt lists")
+    if sources_changed:
+        apt.update(name="Update apt lists with Docker's repository")
     apt.packages(name="Install Docker Engine and compose v2", packages=wanted, no_recommends=True)
 
     for user in cfg.docker_users:

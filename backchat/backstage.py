@@ -1,14 +1,24 @@
 """Step 5: Backstage's app-config.local.yaml for the Backchat plugin, and its catalog.
 
 Backstage deep-merges config objects but REPLACES arrays, so every CSP directive we set is
-written whole, with ``'self'`` first. An existing file keeps everything that is not ours;
-the previous version is kept beside it when we change it.
+written whole, with ``'self'`` first, and keeps the sources the app's own app-config.yaml
+lists for it (our list replaces theirs when Backstage merges the two files). An existing
+app-config.local.yaml keeps everything that is not ours; the previous version is kept
+beside it when we change it.
+
+The catalog is registered as a file location whose own ``rules`` allow its kinds; the
+global ``catalog.rules`` are left alone (an array we wrote there would replace the app's).
+
+Checked against Backstage's own code by tests/test_backstage_tooling.py (backstage-cli
+config:check --strict, the catalog's processors and rules, helmet's CSP header, Chromium).
 """
 
 from __future__ import annotations
 
 import copy
 import io
+import ipaddress
+import re
 
 import yaml
 from pyinfra import host
@@ -19,15 +29,27 @@ from pyinfra.operations import files
 from backchat.settings import Settings
 
 CONFIG_FILE = "app-config.local.yaml"
+BASE_CONFIG_FILE = "app-config.yaml"
 CATALOG_FILE = "backchat-catalog.yaml"
-# Backstage's default catalog rules allow only Component, API and Location.
+# Backstage's default catalog rules allow only Component, API and Location; our location's
+# own rules allow what the talk's catalog needs (System, and the rest of its sample list).
 CATALOG_KINDS = ["Component", "API", "Resource", "System", "Domain", "Location", "Group", "User"]
+# The CSP directives we own (written whole: Backstage replaces arrays).
+CSP_DIRECTIVES = ("frame-src", "connect-src")
 
 
 def public_address(cfg: Settings) -> str:
-    """The name a browser uses for this host: never localhost, which is the browser's own."""
+    """The name a browser uses for this host: never localhost, which is the browser's own.
+
+    Unset, it is the inventory name (or, for ``@local``, the host name), except when the
+    services listen on loopback only: then only a browser on the host itself can reach
+    them, at that loopback address.
+    """
     if cfg.public_address:
         return cfg.public_address
+    bind = ipaddress.ip_address(cfg.bind_address)
+    if bind.is_loopback:
+        return f"[{bind}]" if bind.version == 6 else str(bind)
     if not host.name.startswith("@"):
         return host.name
     return host.get_fact(Hostname)
@@ -49,12 +71,33 @@ def api_urls(cfg: Settings, address: str) -> dict[str, str]:
     return urls
 
 
-def our_config(cfg: Settings, address: str) -> dict:
+def _sources(values) -> list[str]:
+    """The string sources of a CSP directive value from someone's config (else none)."""
+    if not isinstance(values, list):
+        return []
+    return [value for value in values if isinstance(value, str)]
+
+
+def _unique(values) -> list[str]:
+    return list(dict.fromkeys(values))
+
+
+def our_config(cfg: Settings, address: str, base: dict | None = None) -> dict:
+    """Our keys of app-config.local.yaml.
+
+    ``base`` is the app's own app-config.yaml (parsed), if any: the sources its
+    ``backend.csp`` lists for a directive we write are kept in ours, since ours replaces
+    theirs when Backstage merges the files.
+    """
     gui = gui_url(cfg, address)
     apis = sorted(set(api_urls(cfg, address).values()))
+    base_backend = base.get("backend") if isinstance(base, dict) else None
+    base_csp = base_backend.get("csp") if isinstance(base_backend, dict) else None
+    base_csp = base_csp if isinstance(base_csp, dict) else {}
+    wanted = {"frame-src": [gui], "connect-src": apis}
     csp: dict = {
-        "frame-src": ["'self'", gui],
-        "connect-src": ["'self'", *apis],
+        directive: _unique(["'self'", *wanted[directive], *_sources(base_csp.get(directive))])
+        for directive in CSP_DIRECTIVES
     }
     if gui.startswith("http://"):
         # Helmet's default upgrade-insecure-requests would turn the iframe's http into https.
@@ -63,7 +106,6 @@ def our_config(cfg: Settings, address: str) -> dict:
         "ai_server": {"url": gui},
         "backend": {"csp": csp},
         "catalog": {
-            "rules": [{"allow": CATALOG_KINDS}],
             "locations": [
                 {
                     "type": "file",
@@ -78,6 +120,11 @@ def our_config(cfg: Settings, address: str) -> dict:
 def merge(existing: dict | None, ours: dict) -> dict:
     """Our keys replace theirs; everything else stays. Our catalog location is kept once."""
     merged = copy.deepcopy(existing) if isinstance(existing, dict) else {}
+    catalog = merged.get("catalog")
+    if isinstance(catalog, dict) and catalog.get("rules") == [{"allow": CATALOG_KINDS}]:
+        # Written by an older backchat: global rules replace the app's own. Ours now
+        # live on our location.
+        del catalog["rules"]
 
     def deep(into: dict, new: dict) -> None:
         for key, value in new.items():
@@ -98,65 +145,343 @@ def merge(existing: dict | None, ours: dict) -> dict:
     return merged
 
 
-def render_config(existing_text: str | None, cfg: Settings, address: str) -> str:
+def render_config(existing_text: str | None, cfg: Settings, address: str, base_text: str | None = None) -> str:
+    """app-config.local.yaml: ``existing_text`` merged with ours (``base_text``: app-config.yaml)."""
     existing = yaml.safe_load(existing_text) if existing_text else None
-    merged = merge(existing, our_config(cfg, address))
+    base = yaml.safe_load(base_text) if base_text else None
+    merged = merge(existing, our_config(cfg, address, base))
     return yaml.safe_dump(merged, sort_keys=False, default_flow_style=False)
 
 
+# Helmet 6's defaults (helmet.contentSecurityPolicy.getDefaultDirectives()), in its order.
+HELMET_DEFAULT_DIRECTIVES: dict[str, list[str]] = {
+    "default-src": ["'self'"],
+    "base-uri": ["'self'"],
+    "font-src": ["'self'", "https:", "data:"],
+    "form-action": ["'self'"],
+    "frame-ancestors": ["'self'"],
+    "img-src": ["'self'", "data:"],
+    "object-src": ["'none'"],
+    "script-src": ["'self'"],
+    "script-src-attr": ["'none'"],
+    "style-src": ["'self'", "https:", "'unsafe-inline'"],
+    "upgrade-insecure-requests": [],
+}
+
+
+def _kebab(key: str) -> str:
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "-", key).replace("_", "-").lower()
+
+
+def csp_directives(csp: dict | None) -> dict[str, list[str]]:
+    """The directives Backstage's backend sends for a ``backend.csp`` map.
+
+    As backend-defaults' readHelmetOptions does: helmet's defaults, ``script-src`` with
+    ``'unsafe-eval'``, no ``form-action``; then each configured key (kebab-cased) replaces
+    its directive, and ``false`` removes it.
+    """
+    result = copy.deepcopy(HELMET_DEFAULT_DIRECTIVES)
+    result["script-src"] = ["'self'", "'unsafe-eval'"]
+    del result["form-action"]
+    for key, value in (csp or {}).items():
+        name = _kebab(key)
+        if value is False:
+            result.pop(name, None)
+        else:
+            result[name] = [str(item) for item in value]
+    return result
+
+
+def csp_header(csp: dict | None) -> str:
+    """The Content-Security-Policy header Backstage's backend (helmet) sends for ``csp``."""
+    return ";".join(
+        " ".join([name, *values]) for name, values in csp_directives(csp).items()
+    )
+
+
+class _CatalogDumper(yaml.SafeDumper):
+    """Readable catalog YAML: multi-line strings (the OpenAPI definition) as ``|`` blocks,
+    no anchors for repeated parts."""
+
+    def ignore_aliases(self, data) -> bool:
+        return True
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str):
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_CatalogDumper.add_representer(str, _represent_str)
+
+
+def _schema_ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def openapi_definition(cfg: Settings, service: str, url: str) -> dict:
+    """The OpenAI API subset every backend serves, at this host's URL (no api.openai.com).
+
+    Swagger UI on Backstage's API page ("Try it out") calls ``servers[0]`` from the
+    browser: it must be an address the browser reaches, allowed by Backstage's
+    ``connect-src`` and answering CORS for Backstage's origin.
+    """
+    json_body = lambda schema: {"application/json": {"schema": schema}}  # noqa: E731
+    error = {"description": "Error", "content": json_body(_schema_ref("Error"))}
+    message = {
+        "type": "object",
+        "required": ["role", "content"],
+        "properties": {
+            "role": {"type": "string", "enum": ["system", "user", "assistant"]},
+            "content": {"type": "string"},
+        },
+    }
+    sampling = {
+        "max_tokens": {"type": "integer", "minimum": 1, "example": 64},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 2, "example": 0.2},
+        "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+        "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+        "stream": {"type": "boolean", "default": False},
+    }
+    usage = {
+        "type": "object",
+        "properties": {key: {"type": "integer"} for key in ("prompt_tokens", "completion_tokens", "total_tokens")},
+    }
+    definition: dict = {
+        "openapi": "3.0.3",
+        "info": {
+            "title": f"Backchat OpenAI-compatible API ({service})",
+            "version": "1.0.0",
+            "description": f"The OpenAI API subset {service} serves on this host; the model is `{cfg.model_id}`.",
+        },
+        "servers": [{"url": f"{url}/v1", "description": f"{service} on this host"}],
+        "paths": {
+            "/models": {
+                "get": {
+                    "operationId": "listModels",
+                    "summary": "List the models served",
+                    "responses": {
+                        "200": {"description": "The models", "content": json_body(_schema_ref("ModelList"))},
+                        "401": error,
+                    },
+                }
+            },
+            "/chat/completions": {
+                "post": {
+                    "operationId": "createChatCompletion",
+                    "summary": "Answer a chat",
+                    "requestBody": {
+                        "required": True,
+                        "content": json_body(
+                            {
+                                "type": "object",
+                                "required": ["model", "messages"],
+                                "properties": {
+                                    "model": {"type": "string", "example": cfg.model_id},
+                                    "messages": {
+                                        "type": "array",
+                                        "minItems": 1,
+                                        "items": message,
+                                        "example": [{"role": "user", "content": "Say hello."}],
+                                    },
+                                    **sampling,
+                                },
+                            }
+                        ),
+                    },
+                    "responses": {
+                        "200": {"description": "The answer", "content": json_body(_schema_ref("ChatCompletion"))},
+                        "400": error,
+                        "401": error,
+                    },
+                }
+            },
+            "/completions": {
+                "post": {
+                    "operationId": "createCompletion",
+                    "summary": "Complete a prompt",
+                    "requestBody": {
+                        "required": True,
+                        "content": json_body(
+                            {
+                                "type": "object",
+                                "required": ["model", "prompt"],
+                                "properties": {
+                                    "model": {"type": "string", "example": cfg.model_id},
+                                    "prompt": {"type": "string", "example": "Once upon a time"},
+                                    **sampling,
+                                },
+                            }
+                        ),
+                    },
+                    "responses": {
+                        "200": {"description": "The completion", "content": json_body(_schema_ref("Completion"))},
+                        "400": error,
+                        "401": error,
+                    },
+                }
+            },
+        },
+        "components": {
+            "securitySchemes": {
+                "apiKey": {"type": "http", "scheme": "bearer", "description": "The api_key setting, if set"}
+            },
+            "schemas": {
+                "ModelList": {
+                    "type": "object",
+                    "required": ["object", "data"],
+                    "properties": {
+                        "object": {"type": "string", "enum": ["list"]},
+                        "data": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "required": ["id"],
+                                "properties": {
+                                    "id": {"type": "string", "example": cfg.model_id},
+                                    "object": {"type": "string", "example": "model"},
+                                    "owned_by": {"type": "string"},
+                                },
+                            },
+                        },
+                    },
+                },
+                "ChatCompletion": {
+                    "type": "object",
+                    "required": ["choices"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "object": {"type": "string", "example": "chat.completion"},
+                        "created": {"type": "integer"},
+                        "model": {"type": "string"},
+                        "choices": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "properties": {
+                                    "index": {"type": "integer"},
+                                    "message": message,
+                                    "finish_reason": {"type": "string", "nullable": True},
+                                },
+                            },
+                        },
+                        "usage": usage,
+                    },
+                },
+                "Completion": {
+                    "type": "object",
+                    "required": ["choices"],
+                    "properties": {
+                        "id": {"type": "string"},
+                        "object": {"type": "string", "example": "text_completion"},
+                        "created": {"type": "integer"},
+                        "model": {"type": "string"},
+                        "choices": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "properties": {
+                                    "index": {"type": "integer"},
+                                    "text": {"type": "string"},
+                                    "finish_reason": {"type": "string", "nullable": True},
+                                },
+                            },
+                        },
+                        "usage": usage,
+                    },
+                },
+                "Error": {
+                    "type": "object",
+                    "properties": {
+                        "error": {
+                            "type": "object",
+                            "properties": {
+                                "message": {"type": "string"},
+                                "type": {"type": "string"},
+                                "code": {"oneOf": [{"type": "string"}, {"type": "integer"}], "nullable": True},
+                            },
+                        }
+                    },
+                },
+            },
+        },
+    }
+    if cfg.api_key:
+        definition["security"] = [{"apiKey": []}]
+    return definition
+
+
 def render_catalog(cfg: Settings, address: str) -> str:
-    """The Backchat System, a Component per service and the OpenAI-compatible API."""
+    """The Backchat System, a Component per service and an API entity per backend."""
     apis = api_urls(cfg, address)
+    gui = gui_url(cfg, address)
     system = {
         "apiVersion": "backstage.io/v1alpha1",
         "kind": "System",
-        "metadata": {"name": "backchat", "description": "Private AI chat served from this lab"},
+        "metadata": {
+            "name": "backchat",
+            "description": "Private AI chat served from this lab",
+            "links": [{"url": gui, "title": "Chat", "icon": "chat"}],
+        },
         "spec": {"owner": "platform-team"},
     }
     entities = [system]
+    backends = [service for service in cfg.services if service in apis]
     for service in cfg.services:
-        component = {
+        component: dict = {
             "apiVersion": "backstage.io/v1alpha1",
             "kind": "Component",
             "metadata": {"name": f"backchat-{service}"},
             "spec": {"type": "service", "lifecycle": "experimental", "owner": "platform-team", "system": "backchat"},
         }
+        links = []
+        if service == cfg.frontend:
+            links.append({"url": gui, "title": "Chat"})
         if service in apis:
             component["spec"]["providesApis"] = [f"backchat-{service}-api"]
+            links.append({"url": f"{apis[service]}/v1/models", "title": "Models"})
+        if service == "chatbot-ui":
+            component["spec"]["dependsOn"] = [f"component:backchat-{backend}" for backend in backends]
+            component["spec"]["consumesApis"] = [f"backchat-{backend}-api" for backend in backends]
+        if links:
+            component["metadata"]["links"] = links
         entities.append(component)
     for service, url in apis.items():
-        definition = {
-            "openapi": "3.0.3",
-            "info": {"title": f"OpenAI-compatible API ({service})", "version": "1.0.0"},
-            "servers": [{"url": f"{url}/v1"}],
-            "paths": {"/models": {"get": {"summary": "List models", "responses": {"200": {"description": "Models"}}}}},
-        }
+        definition = openapi_definition(cfg, service, url)
         entities.append(
             {
                 "apiVersion": "backstage.io/v1alpha1",
                 "kind": "API",
-                "metadata": {"name": f"backchat-{service}-api"},
+                "metadata": {
+                    "name": f"backchat-{service}-api",
+                    "description": f"OpenAI-compatible API of {service} at {url}/v1",
+                },
                 "spec": {
                     "type": "openapi",
                     "lifecycle": "experimental",
                     "owner": "platform-team",
                     "system": "backchat",
-                    "definition": yaml.safe_dump(definition, sort_keys=False),
+                    "definition": yaml.dump(definition, Dumper=_CatalogDumper, sort_keys=False),
                 },
             }
         )
-    return yaml.safe_dump_all(entities, sort_keys=False)
+    return yaml.dump_all(entities, Dumper=_CatalogDumper, sort_keys=False)
 
 
 def configure(cfg: Settings) -> None:
     address = public_address(cfg)
     config_path = f"{cfg.backstage_app_dir}/{CONFIG_FILE}"
+    base_path = f"{cfg.backstage_app_dir}/{BASE_CONFIG_FILE}"
     lines = host.get_fact(FileContents, path=config_path)
     existing_text = "\n".join(lines) + "\n" if lines else None
-    try:
-        content = render_config(existing_text, cfg, address)
-    except yaml.YAMLError as error:
-        raise ValueError(f"{config_path} on {host.name} is not valid YAML: {error}") from None
+    base_lines = host.get_fact(FileContents, path=base_path)
+    base_text = "\n".join(base_lines) + "\n" if base_lines else None
+    for path, text in ((config_path, existing_text), (base_path, base_text)):
+        try:
+            yaml.safe_load(text or "")
+        except yaml.YAMLError as error:
+            raise ValueError(f"{path} on {host.name} is not valid YAML: {error}") from None
+    content = render_config(existing_text, cfg, address, base_text)
 
     files.directory(name="Create the Backstage app directory", path=cfg.backstage_app_dir, mode="0755")
     if existing_text is not None and yaml.safe_load(existing_text) != yaml.safe_load(content):

@@ -124,7 +124,8 @@ def test_catalog_location_and_rules(cfg):
     assert len(location["rules"]) == 1
     assert set(location["rules"][0]["allow"]) == KINDS
     assert len(location["rules"][0]["allow"]) == len(KINDS)
-    assert [set(rule["allow"]) for rule in catalog["rules"]] == [KINDS]
+    # No global rules: an array there would replace the app's own catalog.rules.
+    assert "rules" not in catalog
 
 
 def test_catalog_target_follows_backstage_app_dir():
@@ -199,6 +200,14 @@ def test_merge_switching_frontend_replaces_the_url():
     assert "http://ai-01.lab:3001" not in yaml.safe_dump(second)
 
 
+def test_merge_keeps_their_global_rules_and_drops_the_ones_backchat_wrote():
+    ours = backstage.our_config(make_cfg(), ADDRESS)
+    theirs = {"catalog": {"rules": [{"allow": ["Component", "API", "Location", "Template"]}]}}
+    assert backstage.merge(theirs, ours)["catalog"]["rules"] == theirs["catalog"]["rules"]
+    older_backchat = {"catalog": {"rules": [{"allow": list(backstage.CATALOG_KINDS)}]}}
+    assert "rules" not in backstage.merge(older_backchat, ours)["catalog"]
+
+
 @pytest.mark.parametrize("existing", [None, {}, {"catalog": None}, {"catalog": {"locations": None}}])
 def test_merge_from_nothing(existing):
     cfg = make_cfg()
@@ -261,6 +270,57 @@ def test_render_config_rejects_invalid_yaml():
         backstage.render_config("app: [unclosed\n", make_cfg(), ADDRESS)
 
 
+def test_csp_keeps_the_sources_of_the_apps_own_config():
+    """Our lists replace the ones in app-config.yaml when Backstage merges: carry theirs over."""
+    base_text = (
+        "backend:\n  csp:\n    connect-src: [\"'self'\", 'http:', 'https:']\n"
+        "    frame-src: ['https://www.youtube.com', \"'self'\"]\n    img-src: [\"'self'\", 'data:']\n"
+    )
+    cfg = make_cfg()
+    parsed = yaml.safe_load(backstage.render_config(None, cfg, ADDRESS, base_text))
+    csp = parsed["backend"]["csp"]
+    assert csp["connect-src"] == ["'self'", "http://ai-01.lab:8080", "http:", "https:"]
+    assert csp["frame-src"] == ["'self'", "http://ai-01.lab:3001", "https://www.youtube.com"]
+    assert "img-src" not in csp, "directives we do not own stay in their file"
+    for broken in ("backend: nope\n", "backend:\n  csp: [1]\n", "backend:\n  csp:\n    frame-src: false\n", ""):
+        csp = yaml.safe_load(backstage.render_config(None, cfg, ADDRESS, broken))["backend"]["csp"]
+        assert csp["frame-src"] == ["'self'", "http://ai-01.lab:3001"], broken
+
+
+def test_public_address_on_loopback_is_the_bind_address():
+    assert backstage.public_address(make_cfg(bind_address="127.0.0.1")) == "127.0.0.1"
+    assert backstage.public_address(make_cfg(bind_address="::1")) == "[::1]"
+    assert backstage.public_address(make_cfg(bind_address="0.0.0.0", public_address="ai.lab")) == "ai.lab"
+
+
+# --- the CSP header --------------------------------------------------------------------------
+
+
+def test_csp_header_is_helmets_format():
+    """Byte for byte what Backstage 1.x (backend-defaults 0.19, helmet 6.2) sent for this map."""
+    csp = {"frame-src": ["'self'", "http://x:1"], "upgrade-insecure-requests": False, "connectSrc": ["a"]}
+    assert backstage.csp_header(csp) == (
+        "default-src 'self';base-uri 'self';font-src 'self' https: data:;frame-ancestors 'self';"
+        "img-src 'self' data:;object-src 'none';script-src 'self' 'unsafe-eval';"
+        "script-src-attr 'none';style-src 'self' https: 'unsafe-inline';"
+        "frame-src 'self' http://x:1;connect-src a"
+    )
+
+
+def test_csp_header_without_config_has_upgrade_and_no_frame_src():
+    directives = backstage.csp_directives(None)
+    assert directives["upgrade-insecure-requests"] == [] and "frame-src" not in directives
+    assert backstage.csp_header(None).endswith(";upgrade-insecure-requests")
+
+
+def test_csp_header_of_our_config(cfg, combo):
+    directives = backstage.csp_directives(backstage.our_config(cfg, ADDRESS)["backend"]["csp"])
+    assert directives["frame-src"] == ["'self'", GUI[combo[1]]]
+    assert set(directives["connect-src"]) == {"'self'", *API_ORIGINS[combo].values()}
+    assert "upgrade-insecure-requests" not in directives
+    assert directives["default-src"] == ["'self'"]
+
+
 # --- render_catalog --------------------------------------------------------------------------
 
 
@@ -296,6 +356,50 @@ def test_render_catalog(cfg, combo):
     for name, component in components.items():
         if name.removeprefix("backchat-") not in backends:
             assert "providesApis" not in component["spec"]
+
+
+def test_render_catalog_api_is_the_openai_subset_at_the_host(cfg, combo):
+    entities = list(yaml.safe_load_all(backstage.render_catalog(cfg, ADDRESS)))
+    for api in (entity for entity in entities if entity["kind"] == "API"):
+        definition = yaml.safe_load(api["spec"]["definition"])
+        assert definition["openapi"].startswith("3.")
+        service = api["metadata"]["name"].removeprefix("backchat-").removesuffix("-api")
+        assert [server["url"] for server in definition["servers"]] == [f"{API_ORIGINS[combo][service]}/v1"]
+        assert set(definition["paths"]["/models"]) == {"get"}
+        assert set(definition["paths"]["/chat/completions"]) == {"post"}
+        body = definition["paths"]["/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert set(body["required"]) == {"model", "messages"}
+        assert body["properties"]["model"]["example"] == cfg.model_id
+        assert "security" not in definition  # no api_key: nothing to send
+    text = backstage.render_catalog(cfg, ADDRESS)
+    assert "openai.com" not in text and "localhost" not in text
+    # Readable: the definition is a block of YAML, with no anchors/aliases.
+    assert "  definition: |\n    openapi: 3.0.3\n" in text
+    assert "&id" not in text and "*id" not in text
+
+
+def test_render_catalog_with_an_api_key_asks_for_a_bearer_token():
+    cfg = make_cfg(api_key="sk-test-12345678")
+    text = backstage.render_catalog(cfg, ADDRESS)
+    assert "sk-test-12345678" not in text, "the key itself never goes in the catalog"
+    api = [entity for entity in yaml.safe_load_all(text) if entity["kind"] == "API"][0]
+    definition = yaml.safe_load(api["spec"]["definition"])
+    assert definition["security"] == [{"apiKey": []}]
+    assert definition["components"]["securitySchemes"]["apiKey"] == {
+        "type": "http", "scheme": "bearer", "description": "The api_key setting, if set"
+    }
+
+
+def test_render_catalog_links_and_dependencies():
+    cfg = make_cfg(backend="llamacpp", frontend="chatbot-ui")
+    entities = {entity["metadata"]["name"]: entity for entity in yaml.safe_load_all(backstage.render_catalog(cfg, ADDRESS))}
+    gui = entities["backchat-chatbot-ui"]
+    assert gui["metadata"]["links"] == [{"url": "http://ai-01.lab:3001", "title": "Chat"}]
+    assert gui["spec"]["dependsOn"] == ["component:backchat-llamacpp"]
+    assert gui["spec"]["consumesApis"] == ["backchat-llamacpp-api"]
+    assert entities["backchat-llamacpp"]["metadata"]["links"] == [
+        {"url": "http://ai-01.lab:8080/v1/models", "title": "Models"}
+    ]
 
 
 def test_render_catalog_entity_names_are_valid():

@@ -177,7 +177,7 @@ def _source_without_hub(cfg: Settings, error: ModelSourceError) -> Source:
             size = mirror_size(cfg.model_mirror_url)
         except ModelSourceError as mirror_error:
             raise ModelSourceError(f"{error} -- and {mirror_error}", unreachable=True)
-        host.log_styled(f"Hub unreachable; checking the mirror's file against model_sha256", fg="yellow")
+        host.log_styled("Hub unreachable; checking the mirror's file against model_sha256", fg="yellow")
         return Source(cfg.model_sha256, size, cfg.model_mirror_url, cfg.model_mirror_url)
     blob = hub_cache.known_good_blob(cfg.model_sha256)
     if blob is None:

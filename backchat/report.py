@@ -69,8 +69,8 @@ def format_table(entries: list[dict]) -> str:
 
 
 def _print_at_exit(state) -> None:
-    if getattr(state, "current_stage", None) != StateStage.Disconnect:
-        return  # --dry or a run stopped before executing: nothing to report
+    if getattr(state, "current_stage", StateStage.Setup) < StateStage.Execute:
+        return  # --dry, or stopped before anything ran (bad settings): nothing to report
     entries = rows(state)
     print("\n--> Backchat report:\n" + format_table(entries), file=sys.stderr)
     path = _installed.get("path")

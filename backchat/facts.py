@@ -264,6 +264,8 @@ class ComposeStack(FactBase):
 class DockerImageTags(FactBase):
     """Returns the ``repo:tag`` names of the images the host's Docker has (empty without Docker)."""
 
+    default = list
+
     def command(self) -> str:
         return (
             "command -v docker >/dev/null 2>&1 || exit 0; "

@@ -28,7 +28,17 @@ class _FailureCallbacks(BaseStateCallback):
     @staticmethod
     def operation_host_error(state, host, op_hash, retry_count=0, max_retries=0):
         names = ", ".join(state.get_op_meta(op_hash).names) or "an operation"
-        record(host.name, failure=f"failed at: {names}")
+        # The command's output is stored only after this callback: read it at report time.
+        record(host.name, failure=f"failed at: {names}", failed_op=op_hash)
+
+
+def _last_error_line(state, host, op_hash) -> str:
+    """The command's last stderr line, which usually says what went wrong."""
+    try:
+        lines = [line for line in state.ops[host][op_hash].operation_meta.stderr_lines if line.strip()]
+    except (KeyError, AttributeError, RuntimeError):
+        return ""
+    return f": {lines[-1].strip()}" if lines else ""
 
 
 def install(state, report_path: str | None) -> None:
@@ -47,6 +57,9 @@ def rows(state) -> list[dict]:
     for host in state.inventory:
         entry = dict(_records.get(host.name, {}))
         entry["host"] = host.name
+        failed_op = entry.pop("failed_op", None)
+        if failed_op and entry.get("failure", "").startswith("failed at:"):
+            entry["failure"] += _last_error_line(state, host, failed_op)
         if host.name in failed and not entry.get("failure"):
             entry["failure"] = "could not connect or failed (see pyinfra's error above)"
         entry["result"] = "FAILED" if entry.get("failure") or entry.get("verify") == "fail" else (

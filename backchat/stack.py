@@ -139,6 +139,15 @@ def load_image_archives(cfg: Settings) -> None:
         )
 
 
+_IMAGES_PRESENT_OR_PULLED = (
+    'missing=""; while read -r image; do docker image inspect "$image" >/dev/null 2>&1 && continue; '
+    'docker pull -q "$image" >/dev/null 2>&1 || missing="$missing $image"; done; '
+    '[ -z "$missing" ] || { echo "not on this host and cannot be pulled:$missing. Fix: make '
+    'the registry reachable, point the image settings at one that is, or list docker save '
+    'archives of them in image_archives" >&2; exit 1; }'
+)
+
+
 def out_of_date(stack: dict | None, services: list[str]) -> list[str]:
     """Services whose container is missing, stopped, or built from another compose file."""
     known = (stack or {}).get("services", {})
@@ -167,6 +176,8 @@ def compose_up(
         host.noop(f"stack up to date: {', '.join(services)} running")
         return
     base = ["docker", "compose", "--project-directory", QuoteString(project_dir), "-p", PROJECT]
+    # compose names the service, not the image, when a pull fails: say which image and why.
+    yield StringCommand(*base, "config", "--images", "|", "sh", "-c", QuoteString(_IMAGES_PRESENT_OR_PULLED))
     # --pull missing: images loaded from archives (air-gapped labs) are never pulled.
     yield StringCommand(*base, "up", "-d", "--pull", "missing", "--remove-orphans", "--wait", "--wait-timeout", "1800")
     if restart:

@@ -7,11 +7,17 @@ the check passes and fails only its own host when it does not.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-import httpx
+# pyinfra runs under gevent, which removes select.epoll; httpcore imports trio whenever it is
+# installed, and trio's import then raises AttributeError, which httpcore does not catch.
+# A None entry makes `import trio` a plain ImportError, which it does.
+sys.modules.setdefault("trio", None)
+
+import httpx  # noqa: E402
 from pyinfra import host, logger
 from pyinfra.api import FunctionCommand, operation
 from pyinfra.context import state as current_state

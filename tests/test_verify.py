@@ -3,12 +3,15 @@ llama.cpp-tools, in a sid root, serving a tiny GGUF model the test writes."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import pytest
 
 from backchat import settings
 from backchat.verify import ask, check_all, key_is_enforced, wait_for_model
+from tests.deploy_runner import PROJECT
 from tests.harness.llama_server import LlamaServer, free_port
 from tests.harness.tiny_gguf import write_tiny_gguf
 
@@ -100,3 +103,16 @@ def test_waiting_is_reported_while_it_lasts(model):
         result = wait_for_model("llamacpp", late.url, "gpt-3.5-turbo", None, timeout=90, on_wait=notes.append, every=1)
     assert result.ok
     assert notes and all(note.startswith("still waiting for llamacpp") for note in notes), notes
+
+
+def test_verify_works_under_pyinfra_gevent_patching(server):
+    """pyinfra monkey-patches the process with gevent; httpx must still work there."""
+    code = (
+        "from gevent import monkey; monkey.patch_all()\n"
+        "import sys\n"
+        "from backchat.verify import wait_for_model\n"
+        f"result = wait_for_model('llamacpp', {server.url!r}, 'gpt-3.5-turbo', None, timeout=10)\n"
+        "sys.exit(0 if result.ok else f'not ok: {result}')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=PROJECT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -13,6 +13,8 @@ Networking is QEMU's user mode (slirp): the guest is 10.0.2.15 and sees the cont
 
 ``llama_image_tar()`` is the stand-in for the llama.cpp server image: the cached sid root of
 ``llama_server`` plus curl (the upstream image has curl; backchat's healthcheck uses it).
+``docker_archive()`` wraps such a rootfs as a ``docker save`` tarball (for the deploy's
+``image_archives`` setting) without needing Docker on the controller.
 
 Needs root (debootstrap, chroot), qemu-system-x86, qemu-utils, e2fsprogs (mkfs.ext4 -d),
 openssh-client and a kernel + initrd in /boot with its modules in /lib/modules.
@@ -23,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import io
 import json
 import logging
 import os
@@ -32,6 +35,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tarfile
 import tempfile
 import time
 from collections.abc import Mapping
@@ -233,7 +237,21 @@ def _configure_root(root: Path, public_key: str) -> None:
 
 
 LLAMA_IMAGE_PACKAGES = ("curl",)
-LLAMA_IMAGE_RECIPE_VERSION = 1
+# Translations and docs: a quarter of the root, and `docker import` in a TCG guest is slow.
+LLAMA_IMAGE_EXCLUDES = ("./usr/share/locale/*", "./usr/share/doc/*", "./usr/share/man/*", "./usr/share/info/*")
+LLAMA_IMAGE_RECIPE_VERSION = 2
+
+
+def llama_image_tar_path() -> Path:
+    """Where llama_image_tar() caches its tarball (named by the base root and recipe)."""
+    recipe = {
+        "base": llama_server.root_name(),
+        "packages": list(LLAMA_IMAGE_PACKAGES),
+        "excludes": list(LLAMA_IMAGE_EXCLUDES),
+        "version": LLAMA_IMAGE_RECIPE_VERSION,
+    }
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    return CACHE / "roots" / f"{llama_server.root_name()}-image-{digest}.tar"
 
 
 def llama_image_tar() -> Path:
@@ -241,19 +259,14 @@ def llama_image_tar() -> Path:
 
     The upstream llama.cpp server image has curl and backchat's compose healthcheck runs
     ``curl -fsS http://localhost:8080/health`` in the container; ``llama_rootfs_tar()``
-    (minbase + llama.cpp-tools) has none, so this adds it in a copy of that root.
+    (minbase + llama.cpp-tools) has none, so this adds it in a copy of that root, and
+    leaves out translations and docs.
     """
-    base = llama_server.llama_root()
-    recipe = {
-        "base": base.name,
-        "packages": list(LLAMA_IMAGE_PACKAGES),
-        "version": LLAMA_IMAGE_RECIPE_VERSION,
-    }
-    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
-    roots = CACHE / "roots"
-    out = roots / f"{base.name}-image-{digest}.tar"
+    out = llama_image_tar_path()
     if out.is_file():
         return out
+    base = llama_server.llama_root()
+    roots = out.parent
     with _flock(roots / f"{out.name}.lock"):
         if out.is_file():
             return out
@@ -277,11 +290,66 @@ def llama_image_tar() -> Path:
             (root / "var/lib/apt/lists/partial").mkdir(parents=True, exist_ok=True)
             tmp = build / "image.tar"
             cmd = ["tar", "-C", str(root), "--numeric-owner", "--xattrs", "--one-file-system"]
-            cmd += [f"--exclude={pat}" for pat in llama_server._TAR_EXCLUDES]
+            cmd += [f"--exclude={pat}" for pat in (*llama_server._TAR_EXCLUDES, *LLAMA_IMAGE_EXCLUDES)]
             _sh(*cmd, "-cf", tmp, ".")
             os.rename(tmp, out)
         finally:
             _remove_tree(build)
+    return out
+
+
+def docker_archive(layer: Path, images: Mapping[str, Mapping]) -> Path:
+    """A cached ``docker save``-format tarball: for ``docker load`` with no Docker here.
+
+    ``layer`` is a rootfs tarball (e.g. ``llama_image_tar()``), the one layer of every
+    image; ``images`` maps each ``repo:tag`` to its image config (``Entrypoint``,
+    ``StopSignal``...). The images share the layer, so Docker stores it once.
+    """
+    stat = layer.stat()
+    key = {"layer": [layer.name, stat.st_size, int(stat.st_mtime)], "images": images, "version": 1}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    out = CACHE / "roots" / f"images-{digest}.tar"
+    if out.is_file():
+        return out
+    with _flock(out.with_name(f"{out.name}.lock")):
+        if out.is_file():
+            return out
+        sha = hashlib.sha256()
+        with open(layer, "rb") as fh:
+            while chunk := fh.read(1 << 20):
+                sha.update(chunk)
+        diff_id = f"sha256:{sha.hexdigest()}"
+        layer_path = f"{sha.hexdigest()}/layer.tar"
+        members: dict[str, bytes] = {}
+        manifest = []
+        for tag, config in images.items():
+            blob = json.dumps(
+                {
+                    "architecture": "amd64",
+                    "os": "linux",
+                    "created": "2000-01-01T00:00:00Z",
+                    "config": {"Env": [f"PATH={HOST_PATH}"], **config},
+                    "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+                    "history": [{"created": "2000-01-01T00:00:00Z", "created_by": "backchat tests"}],
+                },
+                sort_keys=True,
+            ).encode()
+            name = f"{hashlib.sha256(blob).hexdigest()}.json"
+            members[name] = blob
+            manifest.append({"Config": name, "RepoTags": [tag], "Layers": [layer_path]})
+        members = {"manifest.json": json.dumps(manifest).encode(), **members}
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        try:
+            with tarfile.open(tmp, "w") as archive:
+                for name, data in members.items():  # manifest first: readers find it fast
+                    info = tarfile.TarInfo(name)
+                    info.size, info.mtime, info.mode = len(data), 946684800, 0o644
+                    archive.addfile(info, io.BytesIO(data))
+                archive.add(layer, arcname=layer_path, recursive=False)
+            os.rename(tmp, out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return out
 
 

@@ -219,6 +219,32 @@ def _schema_ref(name: str) -> dict:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
+def _completion_schema(object_name: str, choice_fields: dict, usage: dict) -> dict:
+    """A completion response: chat and text completions differ only in each choice's payload."""
+    return {
+        "type": "object",
+        "required": ["choices"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"type": "string", "example": object_name},
+            "created": {"type": "integer"},
+            "model": {"type": "string"},
+            "choices": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "index": {"type": "integer"},
+                        **choice_fields,
+                        "finish_reason": {"type": "string", "nullable": True},
+                    },
+                },
+            },
+            "usage": usage,
+        },
+    }
+
+
 def openapi_definition(cfg: Settings, service: str, url: str) -> dict:
     """The OpenAI API subset every backend serves, at this host's URL (no api.openai.com).
 
@@ -346,50 +372,8 @@ def openapi_definition(cfg: Settings, service: str, url: str) -> dict:
                         },
                     },
                 },
-                "ChatCompletion": {
-                    "type": "object",
-                    "required": ["choices"],
-                    "properties": {
-                        "id": {"type": "string"},
-                        "object": {"type": "string", "example": "chat.completion"},
-                        "created": {"type": "integer"},
-                        "model": {"type": "string"},
-                        "choices": {
-                            "type": "array",
-                            "items": {
-                                "type": "object",
-                                "properties": {
-                                    "index": {"type": "integer"},
-                                    "message": message,
-                                    "finish_reason": {"type": "string", "nullable": True},
-                                },
-                            },
-                        },
-                        "usage": usage,
-                    },
-                },
-                "Completion": {
-                    "type": "object",
-                    "required": ["choices"],
-                    "properties": {
-                        "id": {"type": "string"},
-                        "object": {"type": "string", "example": "text_completion"},
-                        "created": {"type": "integer"},
-                        "model": {"type": "string"},
-                        "choices": {
-                            "type": "array",
-                            "items": {
-                                "type": "object",
-                                "properties": {
-                                    "index": {"type": "integer"},
-                                    "text": {"type": "string"},
-                                    "finish_reason": {"type": "string", "nullable": True},
-                                },
-                            },
-                        },
-                        "usage": usage,
-                    },
-                },
+                "ChatCompletion": _completion_schema("chat.completion", {"message": message}, usage),
+                "Completion": _completion_schema("text_completion", {"text": {"type": "string"}}, usage),
                 "Error": {
                     "type": "object",
                     "properties": {

@@ -108,6 +108,21 @@ def _flock(path: Path, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def ssh_host_data(hostname: str, port: int, key_path: str) -> dict:
+    """Host data for pyinfra's @ssh connector (key names as in pyinfra 3.10's ssh.py)."""
+    return {
+        "ssh_hostname": hostname,
+        "ssh_port": port,
+        "ssh_user": "root",
+        "ssh_key": key_path,
+        "ssh_known_hosts_file": "/dev/null",
+        "ssh_strict_host_key_checking": "no",
+        # Only our key: the controller's agent or ~/.ssh keys have no business here.
+        "ssh_allow_agent": False,
+        "ssh_look_for_keys": False,
+    }
+
+
 def _mounts_under(path: Path) -> list[str]:
     """Mount points at or below path, in mount order (unmount them reversed)."""
     prefix = str(path.resolve())
@@ -626,21 +641,11 @@ class SandboxHost:
         return proxy.port
 
     def pyinfra_data(self, port: int | None = None) -> dict:
-        """Host data for pyinfra's @ssh connector (key names as in pyinfra 3.10's ssh.py).
+        """Host data for pyinfra's @ssh connector.
 
         Pass the port from ssh_proxy_with_latency() to connect through that proxy.
         """
-        return {
-            "ssh_hostname": "127.0.0.1" if port else self.address,
-            "ssh_port": port or 22,
-            "ssh_user": "root",
-            "ssh_key": self.key_path,
-            "ssh_known_hosts_file": "/dev/null",
-            "ssh_strict_host_key_checking": "no",
-            # Only our key: the controller's agent or ~/.ssh keys have no business here.
-            "ssh_allow_agent": False,
-            "ssh_look_for_keys": False,
-        }
+        return ssh_host_data("127.0.0.1" if port else self.address, port or 22, self.key_path)
 
     def ssh_command(self, *argv: str) -> list[str]:
         """argv for the OpenSSH client to run a command on this host."""

@@ -23,7 +23,6 @@ openssh-client and a kernel + initrd in /boot with its modules in /lib/modules.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import io
 import json
@@ -32,7 +31,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import tarfile
@@ -42,7 +40,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from tests.harness import llama_server
-from tests.harness.sandbox import CACHE, MIRROR, _AptProxy, _flock, _remove_tree, _sh
+from tests.harness.sandbox import CACHE, MIRROR, _AptProxy, _flock, _remove_tree, _sh, ssh_host_data
 
 log = logging.getLogger(__name__)
 
@@ -356,11 +354,6 @@ def docker_archive(layer: Path, images: Mapping[str, Mapping]) -> Path:
 # --------------------------------------------------------------------------- the VM
 
 
-def _die_with_parent() -> None:
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-
-
 class TestVM:
     """A booted trixie VM on a throwaway overlay of ``vm_disk_image()``.
 
@@ -453,7 +446,7 @@ class TestVM:
                 stdout=qemu_log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # a Ctrl-C in pytest must not kill it before teardown
-                preexec_fn=_die_with_parent,  # nor may it outlive a killed pytest
+                preexec_fn=llama_server._die_with_parent,  # nor may it outlive a killed pytest
             )
         stack.callback(self._stop_qemu)
         self._wait_for_ssh(SSH_TIMEOUT)
@@ -581,18 +574,8 @@ class TestVM:
         self.run(f"systemctl daemon-reload && systemctl enable --now {unit}.socket")
 
     def pyinfra_data(self) -> dict:
-        """Host data for pyinfra's @ssh connector (key names as in pyinfra 3.10's ssh.py)."""
-        return {
-            "ssh_hostname": "127.0.0.1",
-            "ssh_port": self.ssh_port,
-            "ssh_user": "root",
-            "ssh_key": self.key_path,
-            "ssh_known_hosts_file": "/dev/null",
-            "ssh_strict_host_key_checking": "no",
-            # Only our key: the controller's agent or ~/.ssh keys have no business here.
-            "ssh_allow_agent": False,
-            "ssh_look_for_keys": False,
-        }
+        """Host data for pyinfra's @ssh connector (through the forwarded SSH port)."""
+        return ssh_host_data("127.0.0.1", self.ssh_port, self.key_path)
 
     def __repr__(self) -> str:
         return f"TestVM(ssh=127.0.0.1:{self.ssh_port}, ports={self._ports})"

@@ -22,8 +22,8 @@ from backchat.settings import Settings
 
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 PROJECT = "backchat"
-# Container-side API port of each backend, and the host port setting that maps to it.
-BACKEND_PORTS = {"localai": ("localai_port", 8080), "llamacpp": ("localai_port", 8080), "textgen": ("textgen_api_port", 5000)}
+# Container-side API port of each backend (Chatbot UI reaches it on the compose network).
+BACKEND_PORTS = {"localai": 8080, "llamacpp": 8080, "textgen": 5000}
 
 _jinja = jinja2.Environment(
     loader=jinja2.FileSystemLoader(str(TEMPLATES)),
@@ -64,7 +64,7 @@ def render(template: str, cfg: Settings, threads: int) -> str:
         threads=threads,
         textgen_args=textgen_args(cfg, threads),
         chat_backend_service=backend,
-        chat_api_host=f"http://{backend}:{BACKEND_PORTS[backend][1]}",
+        chat_api_host=f"http://{backend}:{BACKEND_PORTS[backend]}",
     )
 
 

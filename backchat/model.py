@@ -143,7 +143,7 @@ def mirror_size(url: str) -> int:
         with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=20) as answer:
             length = answer.headers.get("Content-Length")
     except (OSError, urllib.error.URLError) as error:
-        raise ModelSourceError(f"could not read the size of {url} from the controller: {error}")
+        raise ModelSourceError(f"could not read the size of {url} from the controller: {error}") from None
     if not (length or "").isdigit() or int(length) <= 0:
         raise ModelSourceError(f"{url} reported no Content-Length")
     return int(length)
@@ -176,7 +176,7 @@ def _source_without_hub(cfg: Settings, error: ModelSourceError) -> Source:
         try:
             size = mirror_size(cfg.model_mirror_url)
         except ModelSourceError as mirror_error:
-            raise ModelSourceError(f"{error} -- and {mirror_error}", unreachable=True)
+            raise ModelSourceError(f"{error} -- and {mirror_error}", unreachable=True) from None
         host.log_styled("Hub unreachable; checking the mirror's file against model_sha256", fg="yellow")
         return Source(cfg.model_sha256, size, cfg.model_mirror_url, cfg.model_mirror_url)
     blob = hub_cache.known_good_blob(cfg.model_sha256)
@@ -425,7 +425,7 @@ def _push_and_install(state, host, script: str, source: Source, dest: str, marke
     if "error" in copy:
         return _fail(host, copy["error"])
 
-    for attempt in (1, 2):
+    for _attempt in (1, 2):  # a junk prefix gets one fresh start
         started = time.monotonic()
         try:
             offset, sent = _append_missing_tail(state, host, copy["path"], f"{dest}.part", source.size)

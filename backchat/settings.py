@@ -162,7 +162,7 @@ def _bind_address(value: Any) -> str:
     try:
         ipaddress.ip_address(value)
     except (ValueError, TypeError):
-        raise _Invalid("is not an IP address", "use 0.0.0.0 (all interfaces) or 127.0.0.1")
+        raise _Invalid("is not an IP address", "use 0.0.0.0 (all interfaces) or 127.0.0.1") from None
     return str(value)
 
 

@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import copy
 import io
-import ipaddress
 import re
 
 import yaml
 from pyinfra import host
 from pyinfra.facts.files import FileContents
-from pyinfra.facts.server import Hostname
 from pyinfra.operations import files
 
-from backchat.settings import Settings
+from backchat import resources
+from backchat.addresses import api_urls, gui_url, public_address
 
 CONFIG_FILE = "app-config.local.yaml"
 BASE_CONFIG_FILE = "app-config.yaml"
@@ -36,39 +35,6 @@ CATALOG_FILE = "backchat-catalog.yaml"
 CATALOG_KINDS = ["Component", "API", "Resource", "System", "Domain", "Location", "Group", "User"]
 # The CSP directives we own (written whole: Backstage replaces arrays).
 CSP_DIRECTIVES = ("frame-src", "connect-src")
-
-
-def public_address(cfg: Settings) -> str:
-    """The name a browser uses for this host: never localhost, which is the browser's own.
-
-    Unset, it is the inventory name (or, for ``@local``, the host name), except when the
-    services listen on loopback only: then only a browser on the host itself can reach
-    them, at that loopback address.
-    """
-    if cfg.public_address:
-        return cfg.public_address
-    bind = ipaddress.ip_address(cfg.bind_address)
-    if bind.is_loopback:
-        return f"[{bind}]" if bind.version == 6 else str(bind)
-    if not host.name.startswith("@"):
-        return host.name
-    return host.get_fact(Hostname)
-
-
-def gui_url(cfg: Settings, address: str) -> str:
-    port = cfg.chatbot_ui_port if cfg.frontend == "chatbot-ui" else cfg.textgen_port
-    return f"http://{address}:{port}"
-
-
-def api_urls(cfg: Settings, address: str) -> dict[str, str]:
-    """Backend service -> its OpenAI API base URL (without /v1) at ``address``."""
-    urls = {}
-    for service in cfg.services:
-        if service in ("localai", "llamacpp"):
-            urls[service] = f"http://{address}:{cfg.localai_port}"
-        elif service == "textgen":
-            urls[service] = f"http://{address}:{cfg.textgen_api_port}"
-    return urls
 
 
 def _sources(values) -> list[str]:
@@ -82,7 +48,7 @@ def _unique(values) -> list[str]:
     return list(dict.fromkeys(values))
 
 
-def our_config(cfg: Settings, address: str, base: dict | None = None) -> dict:
+def our_config(cfg, address: str, base: dict | None = None) -> dict:
     """Our keys of app-config.local.yaml.
 
     ``base`` is the app's own app-config.yaml (parsed), if any: the sources its
@@ -145,7 +111,7 @@ def merge(existing: dict | None, ours: dict) -> dict:
     return merged
 
 
-def render_config(existing_text: str | None, cfg: Settings, address: str, base_text: str | None = None) -> str:
+def render_config(existing_text: str | None, cfg, address: str, base_text: str | None = None) -> str:
     """app-config.local.yaml: ``existing_text`` merged with ours (``base_text``: app-config.yaml)."""
     existing = yaml.safe_load(existing_text) if existing_text else None
     base = yaml.safe_load(base_text) if base_text else None
@@ -215,187 +181,20 @@ def _represent_str(dumper: yaml.SafeDumper, value: str):
 _CatalogDumper.add_representer(str, _represent_str)
 
 
-def _schema_ref(name: str) -> dict:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
-def _completion_schema(object_name: str, choice_fields: dict, usage: dict) -> dict:
-    """A completion response: chat and text completions differ only in each choice's payload."""
-    return {
-        "type": "object",
-        "required": ["choices"],
-        "properties": {
-            "id": {"type": "string"},
-            "object": {"type": "string", "example": object_name},
-            "created": {"type": "integer"},
-            "model": {"type": "string"},
-            "choices": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "properties": {
-                        "index": {"type": "integer"},
-                        **choice_fields,
-                        "finish_reason": {"type": "string", "nullable": True},
-                    },
-                },
-            },
-            "usage": usage,
-        },
-    }
-
-
-def openapi_definition(cfg: Settings, service: str, url: str) -> dict:
+def openapi_definition(cfg, service: str, url: str) -> dict:
     """The OpenAI API subset every backend serves, at this host's URL (no api.openai.com).
 
     Swagger UI on Backstage's API page ("Try it out") calls ``servers[0]`` from the
     browser: it must be an address the browser reaches, allowed by Backstage's
     ``connect-src`` and answering CORS for Backstage's origin.
     """
-    json_body = lambda schema: {"application/json": {"schema": schema}}  # noqa: E731
-    error = {"description": "Error", "content": json_body(_schema_ref("Error"))}
-    message = {
-        "type": "object",
-        "required": ["role", "content"],
-        "properties": {
-            "role": {"type": "string", "enum": ["system", "user", "assistant"]},
-            "content": {"type": "string"},
-        },
-    }
-    sampling = {
-        "max_tokens": {"type": "integer", "minimum": 1, "example": 64},
-        "temperature": {"type": "number", "minimum": 0, "maximum": 2, "example": 0.2},
-        "top_p": {"type": "number", "minimum": 0, "maximum": 1},
-        "stop": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
-        "stream": {"type": "boolean", "default": False},
-    }
-    usage = {
-        "type": "object",
-        "properties": {key: {"type": "integer"} for key in ("prompt_tokens", "completion_tokens", "total_tokens")},
-    }
-    definition: dict = {
-        "openapi": "3.0.3",
-        "info": {
-            "title": f"Backchat OpenAI-compatible API ({service})",
-            "version": "1.0.0",
-            "description": f"The OpenAI API subset {service} serves on this host; the model is `{cfg.model_id}`.",
-        },
-        "servers": [{"url": f"{url}/v1", "description": f"{service} on this host"}],
-        "paths": {
-            "/models": {
-                "get": {
-                    "operationId": "listModels",
-                    "summary": "List the models served",
-                    "responses": {
-                        "200": {"description": "The models", "content": json_body(_schema_ref("ModelList"))},
-                        "401": error,
-                    },
-                }
-            },
-            "/chat/completions": {
-                "post": {
-                    "operationId": "createChatCompletion",
-                    "summary": "Answer a chat",
-                    "requestBody": {
-                        "required": True,
-                        "content": json_body(
-                            {
-                                "type": "object",
-                                "required": ["model", "messages"],
-                                "properties": {
-                                    "model": {"type": "string", "example": cfg.model_id},
-                                    "messages": {
-                                        "type": "array",
-                                        "minItems": 1,
-                                        "items": message,
-                                        "example": [{"role": "user", "content": "Say hello."}],
-                                    },
-                                    **sampling,
-                                },
-                            }
-                        ),
-                    },
-                    "responses": {
-                        "200": {"description": "The answer", "content": json_body(_schema_ref("ChatCompletion"))},
-                        "400": error,
-                        "401": error,
-                    },
-                }
-            },
-            "/completions": {
-                "post": {
-                    "operationId": "createCompletion",
-                    "summary": "Complete a prompt",
-                    "requestBody": {
-                        "required": True,
-                        "content": json_body(
-                            {
-                                "type": "object",
-                                "required": ["model", "prompt"],
-                                "properties": {
-                                    "model": {"type": "string", "example": cfg.model_id},
-                                    "prompt": {"type": "string", "example": "Once upon a time"},
-                                    **sampling,
-                                },
-                            }
-                        ),
-                    },
-                    "responses": {
-                        "200": {"description": "The completion", "content": json_body(_schema_ref("Completion"))},
-                        "400": error,
-                        "401": error,
-                    },
-                }
-            },
-        },
-        "components": {
-            "securitySchemes": {
-                "apiKey": {"type": "http", "scheme": "bearer", "description": "The api_key setting, if set"}
-            },
-            "schemas": {
-                "ModelList": {
-                    "type": "object",
-                    "required": ["object", "data"],
-                    "properties": {
-                        "object": {"type": "string", "enum": ["list"]},
-                        "data": {
-                            "type": "array",
-                            "items": {
-                                "type": "object",
-                                "required": ["id"],
-                                "properties": {
-                                    "id": {"type": "string", "example": cfg.model_id},
-                                    "object": {"type": "string", "example": "model"},
-                                    "owned_by": {"type": "string"},
-                                },
-                            },
-                        },
-                    },
-                },
-                "ChatCompletion": _completion_schema("chat.completion", {"message": message}, usage),
-                "Completion": _completion_schema("text_completion", {"text": {"type": "string"}}, usage),
-                "Error": {
-                    "type": "object",
-                    "properties": {
-                        "error": {
-                            "type": "object",
-                            "properties": {
-                                "message": {"type": "string"},
-                                "type": {"type": "string"},
-                                "code": {"oneOf": [{"type": "string"}, {"type": "integer"}], "nullable": True},
-                            },
-                        }
-                    },
-                },
-            },
-        },
-    }
+    definition = yaml.safe_load(resources.render("openai-api.yaml.j2", service=service, url=url, model_id=cfg.model_id))
     if cfg.api_key:
         definition["security"] = [{"apiKey": []}]
     return definition
 
 
-def render_catalog(cfg: Settings, address: str) -> str:
+def render_catalog(cfg, address: str) -> str:
     """The Backchat System, a Component per service and an API entity per backend."""
     apis = api_urls(cfg, address)
     gui = gui_url(cfg, address)
@@ -452,7 +251,7 @@ def render_catalog(cfg: Settings, address: str) -> str:
     return yaml.dump_all(entities, Dumper=_CatalogDumper, sort_keys=False)
 
 
-def configure(cfg: Settings) -> None:
+def configure(cfg) -> None:
     address = public_address(cfg)
     config_path = f"{cfg.backstage_app_dir}/{CONFIG_FILE}"
     base_path = f"{cfg.backstage_app_dir}/{BASE_CONFIG_FILE}"
@@ -467,7 +266,8 @@ def configure(cfg: Settings) -> None:
             raise ValueError(f"{path} on {host.name} is not valid YAML: {error}") from None
     content = render_config(existing_text, cfg, address, base_text)
 
-    files.directory(name="Create the Backstage app directory", path=cfg.backstage_app_dir, mode="0755")
+    # No mode: this is the user's Backstage app, whose directory is theirs.
+    files.directory(name="Create the Backstage app directory", path=cfg.backstage_app_dir)
     if existing_text is not None and yaml.safe_load(existing_text) != yaml.safe_load(content):
         files.put(
             name=f"Keep the previous {CONFIG_FILE}",

@@ -6,8 +6,6 @@ from pyinfra import host
 from pyinfra.facts.deb import DebPackages
 from pyinfra.operations import apt, files, server, systemd
 
-from backchat.settings import Settings
-
 KEYRING = "/etc/apt/keyrings/docker.asc"
 BASE_PACKAGES = ["ca-certificates", "curl"]
 DOCKER_CE_PACKAGES = [
@@ -33,7 +31,7 @@ def packages_for(source: str, os_id: str) -> list[str]:
     return DOCKER_CE_PACKAGES if source == "docker" else DISTRIBUTION_PACKAGES[os_id]
 
 
-def install(cfg: Settings, os_info: dict) -> None:
+def install(cfg, os_info: dict) -> None:
     """Docker Engine + compose v2, enabled at boot when the host runs services."""
     wanted = packages_for(cfg.docker_source, os_info["id"])
     installed = host.get_fact(DebPackages)

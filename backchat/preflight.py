@@ -6,18 +6,16 @@ other hosts and the final report names each refused host and why.
 
 from __future__ import annotations
 
-from pyinfra import host, logger
-from pyinfra.api import FunctionCommand, operation
+from pyinfra import host
 
-from backchat import report
-from backchat.facts import FreeDiskBytes, InitSystem, MemTotalMb, OsRelease
-from backchat.settings import Settings
+from backchat import outcomes
+from backchat.facts import InitSystem, MemTotalMb, OsRelease
 
 SUPPORTED = {("debian", "12"), ("debian", "13"), ("ubuntu", "22.04"), ("ubuntu", "24.04")}
 ARCHITECTURES = {"amd64", "arm64"}
 
 
-def problems(cfg: Settings, os_info: dict, memory_mb: int | None, init: str = "systemd") -> list[str]:
+def problems(cfg, os_info: dict, memory_mb: int | None, init: str = "systemd") -> list[str]:
     """Why this host cannot take the deploy, in words a user can act on (empty: it can)."""
     found = []
     release = (os_info["id"], os_info["version_id"])
@@ -48,43 +46,11 @@ def problems(cfg: Settings, os_info: dict, memory_mb: int | None, init: str = "s
     return found
 
 
-def check(cfg: Settings) -> dict | None:
+def check(cfg) -> dict | None:
     """Read the host's OS and RAM; queue a refusal and return None when it cannot be served."""
     os_info = host.get_fact(OsRelease)
     found = problems(cfg, os_info, host.get_fact(MemTotalMb), host.get_fact(InitSystem))
     if found:
-        refuse_host("; ".join(found))
+        outcomes.refuse_host("; ".join(found))
         return None
     return os_info
-
-
-def refuse_host(reason: str) -> None:
-    """Say why now (the plan shows it) and fail the host when the run executes."""
-    host.log_styled(f"Will refuse: {reason}", fg="red", log_func=logger.warning)
-    refuse(name="Refuse this host", reason=reason)
-
-
-def disk_problem(cfg: Settings, needed_bytes: int) -> str | None:
-    free = host.get_fact(FreeDiskBytes, path=cfg.models_dir)
-    if free is not None and free < needed_bytes:
-        return (
-            f"not enough disk for the model in {cfg.models_dir}: {free:,} bytes free, "
-            f"{needed_bytes:,} needed. Fix: free space, or set models_dir to a larger disk"
-        )
-    return None
-
-
-def _fail(state, host, reason: str) -> bool:
-    host.log_styled(f"Refused: {reason}", fg="red", log_func=logger.error)
-    report.record(host.name, failure=reason)
-    return False
-
-
-@operation(is_idempotent=False)
-def refuse(reason: str):
-    """
-    Fail this host (and only this host) with ``reason``.
-
-    + reason: what is wrong and how to fix it
-    """
-    yield FunctionCommand(_fail, (reason,), {})

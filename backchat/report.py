@@ -13,15 +13,9 @@ from pathlib import Path
 
 from pyinfra.api.state import BaseStateCallback, StateStage
 
-_records: dict[str, dict] = {}
+from backchat.outcomes import record, records
+
 _installed: dict[str, str | None] = {}
-
-
-def record(host_name: str, **fields) -> None:
-    entry = _records.setdefault(host_name, {})
-    if "failure" in fields and entry.get("failure"):
-        fields.pop("failure")  # the first cause is the one worth reading
-    entry.update(fields)
 
 
 class _FailureCallbacks(BaseStateCallback):
@@ -55,7 +49,7 @@ def rows(state) -> list[dict]:
     result = []
     failed = {host.name for host in getattr(state, "failed_hosts", set())}
     for host in state.inventory:
-        entry = dict(_records.get(host.name, {}))
+        entry = dict(records().get(host.name, {}))
         entry["host"] = host.name
         failed_op = entry.pop("failed_op", None)
         if failed_op and entry.get("failure", "").startswith("failed at:"):

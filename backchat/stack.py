@@ -8,46 +8,27 @@ re-run touches no container.
 from __future__ import annotations
 
 import io
-import json
-import tarfile
 from pathlib import Path
 
-import jinja2
 from pyinfra import host
-from pyinfra.api import StringCommand, QuoteString, operation
+from pyinfra.api import QuoteString, StringCommand, operation
 from pyinfra.operations import files, server
 
+from backchat import addresses, images, resources, secrets
 from backchat.facts import ComposeStack, DockerImageTags, PhysicalCores
-from backchat.settings import Settings
 
-TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 PROJECT = "backchat"
-# Container-side API port of each backend (Chatbot UI reaches it on the compose network).
-BACKEND_PORTS = {"localai": 8080, "llamacpp": 8080, "textgen": 5000}
-
-_jinja = jinja2.Environment(
-    loader=jinja2.FileSystemLoader(str(TEMPLATES)),
-    undefined=jinja2.StrictUndefined,
-    trim_blocks=True,
-    lstrip_blocks=True,
-    keep_trailing_newline=True,
-)
 
 
-def thread_count(cfg: Settings, cores: dict) -> int:
+def thread_count(cfg, cores: dict) -> int:
     """The ``threads`` setting if given, else one per physical core the host may use."""
     return cfg.threads or cores["physical"]
 
 
-def chat_backend_service(cfg: Settings) -> str:
-    # Chatbot UI talks to the chosen backend; with frontend = textgen it isn't started.
-    return cfg.backend
-
-
-def textgen_args(cfg: Settings, threads: int) -> str:
+def textgen_args(cfg, threads: int) -> str:
     """Text Gen WebUI's launch flags (the image word-splits EXTRA_LAUNCH_ARGS)."""
     args = [
-        "--listen", "--api", "--api-port", "5000",
+        "--listen", "--api", "--api-port", str(addresses.CONTAINER_PORTS["textgen"]),
         "--model", cfg.model_id, "--loader", "llama.cpp",
         "--threads", str(threads), "--threads-batch", str(threads),
         "--ctx-size", str(cfg.context_size), "--gpu-layers", "0",
@@ -57,22 +38,33 @@ def textgen_args(cfg: Settings, threads: int) -> str:
     return " ".join(args)
 
 
-def render(template: str, cfg: Settings, threads: int) -> str:
-    backend = chat_backend_service(cfg)
-    return _jinja.get_template(template).render(
+def render(template: str, cfg, threads: int) -> str:
+    # Chatbot UI talks to the chosen backend; with frontend = textgen it isn't started.
+    # Rendered here, on the controller, rather than by files.template on the way: the
+    # rendered text is what the unit tests check.
+    return resources.render(
+        template,
         cfg=cfg,
         threads=threads,
         textgen_args=textgen_args(cfg, threads),
-        chat_backend_service=backend,
-        chat_api_host=f"http://{backend}:{BACKEND_PORTS[backend]}",
+        chat_backend_service=cfg.backend,
+        chat_api_host=addresses.internal_api_url(cfg.backend),
+        ports=addresses.CONTAINER_PORTS,
     )
 
 
-def rendered_files(cfg: Settings, threads: int) -> dict[str, tuple[str, str]]:
-    """Host path -> (content, mode) of every file the stack needs."""
+def env_lines(cfg) -> tuple:
+    """The .env file's lines (docker compose reads the key from it; mode 0600)."""
+    lines = ["# Secrets for docker compose (mode 0600). Written by backchat.\n"]
+    if cfg.api_key:
+        lines += ["BACKCHAT_API_KEY=", cfg.api_key, "\n"]
+    return tuple(lines)
+
+
+def rendered_files(cfg, threads: int) -> dict[str, tuple[str, str]]:
+    """Host path -> (content, mode) of every file the stack needs, .env aside (it holds a secret)."""
     result = {
         f"{cfg.stack_dir}/docker-compose.yaml": (render("docker-compose.yaml.j2", cfg, threads), "0644"),
-        f"{cfg.stack_dir}/.env": (render("env.j2", cfg, threads), "0600"),
     }
     if "localai" in cfg.services:
         result[f"{cfg.models_dir}/{cfg.model_id}.yaml"] = (
@@ -87,9 +79,11 @@ def tune() -> dict:
     return host.get_fact(PhysicalCores)
 
 
-def write_and_start(cfg: Settings, threads: int) -> None:
-    files.directory(name="Create the stack directory", path=cfg.stack_dir, mode="0755")
-    changed = {}
+def write_and_start(cfg, threads: int) -> None:
+    # No mode: a directory that already exists (maybe not ours) is never re-moded.
+    files.directory(name="Create the stack directory", path=cfg.stack_dir)
+    env = secrets.secret_file(name="Write .env (0600)", dest=f"{cfg.stack_dir}/.env", lines=env_lines(cfg))
+    changed = {f"{cfg.stack_dir}/.env": env.will_change}
     for path, (content, mode) in rendered_files(cfg, threads).items():
         put = files.put(
             name=f"Write {Path(path).name}",
@@ -113,20 +107,13 @@ def write_and_start(cfg: Settings, threads: int) -> None:
     )
 
 
-def archive_tags(path: str) -> list[str]:
-    """The image names a `docker save` tarball holds (its manifest.json RepoTags)."""
-    with tarfile.open(path) as archive:
-        manifest = json.load(archive.extractfile("manifest.json"))
-    return sorted(tag for image in manifest for tag in image.get("RepoTags") or [])
-
-
-def load_image_archives(cfg: Settings) -> None:
+def load_image_archives(cfg) -> None:
     """`docker load` the archives whose images the host lacks (no registry needed)."""
     if not cfg.image_archives:
         return
     present = set(host.get_fact(DockerImageTags))
     for archive in cfg.image_archives:
-        tags = archive_tags(archive)
+        tags = images.archive_tags(archive)
         if tags and set(tags) <= present:
             host.noop(f"images {', '.join(tags)} already loaded")
             continue

@@ -7,24 +7,18 @@ the check passes and fails only its own host when it does not.
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-# pyinfra runs under gevent, which removes select.epoll; httpcore imports trio whenever it is
-# installed, and trio's import then raises AttributeError, which httpcore does not catch.
-# A None entry makes `import trio` a plain ImportError, which it does.
-sys.modules.setdefault("trio", None)
-
-import httpx  # noqa: E402
 from pyinfra import host, logger
 from pyinfra.api import FunctionCommand, operation
 from pyinfra.context import state as current_state
 
-from backchat import report
-from backchat.backstage import api_urls, gui_url, public_address
-from backchat.settings import Settings
+from backchat import outcomes
+from backchat.addresses import api_urls, connect_address, gui_url, public_address
+from backchat.http import httpx
+from backchat.secrets import Secret
 
 QUESTION = "Who was the president of the United States in 1997?"
 
@@ -39,8 +33,8 @@ class Result:
     detail: str = ""
 
 
-def _auth(api_key: str | None) -> dict[str, str]:
-    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+def _auth(api_key: Secret | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key.reveal()}"} if api_key else {}
 
 
 def _diagnose(response: httpx.Response | None, error: Exception | None, model_id: str) -> tuple[bool, str, list[str]]:
@@ -75,7 +69,7 @@ def wait_for_model(
     service: str,
     base_url: str,
     model_id: str,
-    api_key: str | None,
+    api_key: Secret | None,
     timeout: float,
     on_wait: Callable[[str], None] | None = None,
     every: float = 30.0,
@@ -125,7 +119,7 @@ def key_is_enforced(base_url: str) -> str | None:
     return f"a request without the API key got HTTP {response.status_code}: the key is not enforced"
 
 
-def ask(base_url: str, model_id: str, api_key: str | None, timeout: float) -> tuple[str, float]:
+def ask(base_url: str, model_id: str, api_key: Secret | None, timeout: float) -> tuple[str, float]:
     """One chat completion: (first line of the answer, seconds it took)."""
     start = time.monotonic()
     response = httpx.post(
@@ -142,13 +136,7 @@ def ask(base_url: str, model_id: str, api_key: str | None, timeout: float) -> tu
     return first_line, round(time.monotonic() - start, 1)
 
 
-def connect_address() -> str:
-    """Where the controller reaches this host: its SSH address, or loopback for @local."""
-    address = host.data.get("ssh_hostname") or host.name
-    return "127.0.0.1" if address.startswith("@") else address
-
-
-def check_all(cfg: Settings, address: str, on_wait: Callable[[str], None] | None = None) -> list[Result]:
+def check_all(cfg, address: str, on_wait: Callable[[str], None] | None = None) -> list[Result]:
     results = []
     for service, url in api_urls(cfg, address).items():
         result = wait_for_model(service, url, cfg.model_id, cfg.api_key, cfg.verify_timeout, on_wait)
@@ -168,7 +156,7 @@ def check_all(cfg: Settings, address: str, on_wait: Callable[[str], None] | None
     return results
 
 
-def _report_results(state, host, cfg: Settings, results: list[Result]) -> bool:
+def _report_results(state, host, cfg, results: list[Result]) -> bool:
     for result in results:
         line = f"{result.service} {result.url}/v1/models: " + (
             f"lists {cfg.model_id} ({result.seconds}s)" if result.ok else result.detail
@@ -178,7 +166,7 @@ def _report_results(state, host, cfg: Settings, results: list[Result]) -> bool:
 
 
 @operation(is_idempotent=False)
-def backends(cfg: Settings):
+def backends(cfg):
     """
     Check, from the controller, that every running backend lists ``model_id``.
 
@@ -192,7 +180,7 @@ def backends(cfg: Settings):
         "ai_server_url": gui_url(cfg, address),
     }
     if not cfg.start or cfg.verify_timeout == 0:
-        report.record(
+        outcomes.record(
             host.name,
             verify="installed, not started (start = False)" if not cfg.start else "not verified (verify_timeout = 0)",
             **entry,
@@ -206,7 +194,7 @@ def backends(cfg: Settings):
     started = time.monotonic()
     results = check_all(cfg, connect_address(), on_wait=host.log)
     ok = all(result.ok for result in results)
-    report.record(
+    outcomes.record(
         host.name,
         verify="pass" if ok else "fail",
         seconds=round(time.monotonic() - started, 1),

@@ -1,101 +1,112 @@
-# Every backchat setting, with its default. Override per group (group_data/lab.py,
-# group_data/vagrant.py), per host in inventory.py, or per run: --data key=value.
-# All values are checked before anything runs (backchat/settings.py).
-import os
+# Every backchat setting, at its default (declared in backchat/settings.py, which is
+# where the defaults really come from). To change one for every host, remove the `# `
+# in front of it and edit the value; per group use group_data/<group>.py, per host the
+# host data in inventory.py, per run `--data key=value` (JSON: null, true, "text").
+# Every value is checked before anything runs; a name that is not a setting is an error.
 
 # --- What runs -------------------------------------------------------------------
 # The OpenAI-compatible server: "localai", "textgen" (Text Gen WebUI's API) or
 # "llamacpp" (llama.cpp's own server: the lightest, for small hosts).
-backend = "localai"
+# backend = 'localai'
 # The chat GUI that Backstage iframes: "chatbot-ui" (talks to `backend`) or "textgen"
 # (Text Gen WebUI's own GUI; it is then started as well, sharing the model file).
-frontend = "chatbot-ui"
+# frontend = 'chatbot-ui'
 # False installs and writes everything but starts nothing (image baking, roots with no
 # systemd). The run says so.
-start = True
+# start = True
 
 # --- Docker ----------------------------------------------------------------------
 # "docker": Docker's own apt repository (docker-ce + compose v2 plugin).
 # "debian": the distribution's docker.io + compose v2 (Debian 13, Ubuntu); for mirrors
 # and air-gapped labs. Debian 12 only packages compose v1 and is refused.
-docker_source = "docker"
-# Users added to the docker group (they can then run docker without sudo).
-docker_users = []
+# docker_source = 'docker'
+# Existing users added to the docker group (they can then run docker without sudo).
+# docker_users = []
 
 # --- The model -------------------------------------------------------------------
-model_repo = "TheBloke/Mistral-7B-OpenOrca-GGUF"
-model_file = "mistral-7b-openorca.Q4_K_M.gguf"
+# model_repo = 'TheBloke/Mistral-7B-OpenOrca-GGUF'
+# model_file = 'mistral-7b-openorca.Q4_K_M.gguf'
 # A commit id pins the exact bytes; a branch name is resolved to a commit each run.
 # This commit and sha256 were read from go-skynet/model-gallery's scrape of the Hub
-# (2023-11); the first real download checks both against the Hub.
-model_revision = "fbd9cd059e5fa0bba72a0abe8aea7e127d7994cb"
+# (2023-11, docs/model-pin.md); the first real download checks both against the Hub.
+# model_revision = 'fbd9cd059e5fa0bba72a0abe8aea7e127d7994cb'
 # When set, the run stops unless the source reports exactly this sha256 (supply chain).
-model_sha256 = "83967e58c10c25fbe9d358b6d9e9a8212ca8a292061110dcb68511d39133407b"
+# model_sha256 = '83967e58c10c25fbe9d358b6d9e9a8212ca8a292061110dcb68511d39133407b'
 # The id every backend lists in /v1/models. Legacy Chatbot UI only shows the ids
 # gpt-3.5-turbo, gpt-35-turbo, gpt-4 and gpt-4-32k, so the local model wears one.
-model_id = "gpt-3.5-turbo"
+# model_id = 'gpt-3.5-turbo'
 # Where hosts get the model: "hub" (each host from the Hub by the resolved commit),
 # "controller" (downloaded once here, pushed to the hosts over SSH: a fleet pulls it from
 # upstream once), or "mirror" (each host from model_mirror_url, a LAN HTTP server).
-model_source = "hub"
-model_mirror_url = None
+# model_source = 'hub'
+# model_mirror_url = None
 # "marker": trust a file whose size and mtime match the record of its last verification
 # (re-runs read nothing). "full": hash it again (after disk trouble, or to be sure).
-model_verify = "marker"
+# model_verify = 'marker'
 # Hub or Hub mirror; None means $HF_ENDPOINT or https://huggingface.co. The token for
 # gated repos is read from $HF_TOKEN on the controller and stored 0600 on hosts.
-hf_endpoint = None
+# hf_endpoint = None
 # Hosts with less RAM are refused: a 7B Q4_K_M model wants about 8 GB.
-min_memory_mb = 7500
+# min_memory_mb = 7500
 
 # --- Tuning ----------------------------------------------------------------------
 # None: one thread per physical core the host may use (read from /sys topology and the
 # cgroup CPU quota), which is what llama.cpp runs best with. A number overrides it.
-threads = None
-context_size = 4096
+# threads = None
+# context_size = 4096
 
-# --- Where things go on the host -------------------------------------------------
-stack_dir = "/opt/backchat"           # compose file, .env, LocalAI model config
-models_dir = "/opt/backchat/models"   # one copy of the model, shared by every backend
+# --- Where things go on the host (directories of backchat's own: system and shared
+# directories such as /, /etc, /tmp, /opt or a home directory are refused) ---------
+# Compose file, .env, the model fetcher.
+# stack_dir = '/opt/backchat'
+# One copy of the model, shared by every backend (root-owned, not writable by others).
+# models_dir = '/opt/backchat/models'
 
 # --- Ports (on the host) ---------------------------------------------------------
 # 0.0.0.0 so browsers on other machines (Backstage users) can reach the GUI and API;
 # 127.0.0.1 keeps everything local to the host.
-bind_address = "0.0.0.0"
-localai_port = 8080       # LocalAI, or llama.cpp's server when backend = "llamacpp"
-chatbot_ui_port = 3001
-textgen_port = 7860       # Text Gen WebUI's GUI
-textgen_api_port = 5001   # Text Gen WebUI's OpenAI API (container port 5000)
+# bind_address = '0.0.0.0'
+# LocalAI, or llama.cpp's server when backend = "llamacpp".
+# localai_port = 8080
+# chatbot_ui_port = 3001
+# Text Gen WebUI's GUI, and its OpenAI API (container port 5000).
+# textgen_port = 7860
+# textgen_api_port = 5001
 
 # --- Images (pinned; point them at a private registry for air-gapped labs) -------
-localai_image = "localai/localai:v4.9.0"
-chatbot_ui_image = "ghcr.io/mckaywrigley/chatbot-ui:main"
-textgen_image = "atinoda/text-generation-webui:default-cpu"
+# localai_image = 'localai/localai:v4.9.0'
+# chatbot_ui_image = 'ghcr.io/mckaywrigley/chatbot-ui:main'
+# textgen_image = 'atinoda/text-generation-webui:default-cpu'
 # llama.cpp's build-numbered tag (its default port is changing; the compose file sets it).
-llamacpp_image = "ghcr.io/ggml-org/llama.cpp:server-b11206"
+# llamacpp_image = 'ghcr.io/ggml-org/llama.cpp:server-b11206'
 # Image tarballs on the controller (docker save ...) to `docker load` on hosts with no
 # registry access. Their tags must match the image settings above.
-image_archives = []
+# image_archives = []
 
-# --- Secrets ---------------------------------------------------------------------
-# API key the backends require (None: no key). Kept in a 0600 .env on the host, never
-# printed. Read from the environment so it never sits in this file.
-api_key = os.environ.get("BACKCHAT_API_KEY")
+# --- The API key -----------------------------------------------------------------
+# The backends require a key, and Chatbot UI and verify send it. The key itself never
+# goes in any settings file or --data: it is $BACKCHAT_API_KEY if set, else the file
+# api_key_file names, else ~/.config/backchat/api-key, generated once (0600) and reused,
+# so a whole fleet shares one key. auth = False turns the key off (then keep
+# bind_address on loopback: anyone who reaches the port can use the model).
+# auth = True
+# api_key_file = None
 
 # --- Backstage -------------------------------------------------------------------
 # Where app-config.local.yaml is written on the host: your Backstage app's root.
-backstage_app_dir = "/opt/backchat/backstage"
+# backstage_app_dir = '/opt/backchat/backstage'
 # The name browsers use to reach this host; None means the inventory name (or, for
 # @local, the host name). Never localhost: that is the browser's own machine.
-public_address = None
-# Backstage's own origin in the browser (allowed by the backends' CORS).
-backstage_origin = "http://localhost:3000"
+# public_address = None
+# Backstage's own origin in the browser (allowed by the backends' CORS): scheme, host
+# and port only, no path or trailing slash.
+# backstage_origin = 'http://localhost:3000'
 
 # --- Verify ----------------------------------------------------------------------
 # Seconds to wait for each backend's /v1/models to list model_id (0 skips the check).
-verify_timeout = 600
+# verify_timeout = 600
 # Also ask one chat question and report the answer's first line.
-verify_chat = False
-chat_timeout = 900
+# verify_chat = False
+# chat_timeout = 900
 # Where the run's JSON report is written on the controller (None: not written).
-report_path = None
+# report_path = None

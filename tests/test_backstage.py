@@ -14,7 +14,8 @@ import copy
 import pytest
 import yaml
 
-from backchat import backstage, settings
+from backchat import addresses, backstage, settings
+from tests.cfg import make_cfg
 from tests.variants import COMBINATIONS
 
 ADDRESS = "ai-01.lab"
@@ -29,12 +30,6 @@ API_ORIGINS = {
 }
 GUI = {"chatbot-ui": "http://ai-01.lab:3001", "textgen": "http://ai-01.lab:7860"}
 CATALOG_TARGET = "/opt/backchat/backstage/backchat-catalog.yaml"
-
-
-def make_cfg(**overrides) -> settings.Settings:
-    data = settings.load_defaults()
-    data.update(overrides)
-    return settings.validate(data)
 
 
 @pytest.fixture(params=COMBINATIONS, ids=lambda c: f"{c[0]}+{c[1]}")
@@ -74,7 +69,7 @@ def our_locations(config: dict) -> list[dict]:
 def test_ai_server_url_is_the_gui(cfg, combo):
     ours = backstage.our_config(cfg, ADDRESS)
     assert ours["ai_server"]["url"] == GUI[combo[1]]
-    assert backstage.gui_url(cfg, ADDRESS) == GUI[combo[1]]
+    assert addresses.gui_url(cfg, ADDRESS) == GUI[combo[1]]
 
 
 def test_csp_frame_src_and_connect_src(cfg, combo):
@@ -91,7 +86,7 @@ def test_csp_frame_src_and_connect_src(cfg, combo):
 
 
 def test_api_urls_per_backend(cfg, combo):
-    assert backstage.api_urls(cfg, ADDRESS) == API_ORIGINS[combo]
+    assert addresses.api_urls(cfg, ADDRESS) == API_ORIGINS[combo]
 
 
 def test_ports_follow_settings():
@@ -288,9 +283,9 @@ def test_csp_keeps_the_sources_of_the_apps_own_config():
 
 
 def test_public_address_on_loopback_is_the_bind_address():
-    assert backstage.public_address(make_cfg(bind_address="127.0.0.1")) == "127.0.0.1"
-    assert backstage.public_address(make_cfg(bind_address="::1")) == "[::1]"
-    assert backstage.public_address(make_cfg(bind_address="0.0.0.0", public_address="ai.lab")) == "ai.lab"
+    assert addresses.public_address(make_cfg(bind_address="127.0.0.1")) == "127.0.0.1"
+    assert addresses.public_address(make_cfg(bind_address="::1")) == "[::1]"
+    assert addresses.public_address(make_cfg(bind_address="0.0.0.0", public_address="ai.lab")) == "ai.lab"
 
 
 # --- the CSP header --------------------------------------------------------------------------

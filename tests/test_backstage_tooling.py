@@ -35,7 +35,7 @@ import pytest
 import yaml
 
 from backchat import backstage, settings
-from tests.harness.sandbox import CACHE, _flock
+from tests.harness.sandbox import CACHE, flock
 from tests.variants import COMBINATIONS
 
 HERE = Path(__file__).resolve().parent
@@ -105,7 +105,7 @@ def npm_install() -> Path:
     if marker.is_file():
         TIMINGS.setdefault("npm install (cached)", 0.0)
         return final
-    with _flock(base / f"{key}.lock"):
+    with flock(base / f"{key}.lock"):
         if marker.is_file():
             return final
         if final.exists():
@@ -141,7 +141,7 @@ def prune_other_installs(base: Path, keep: str) -> None:
     for other in base.iterdir():
         if other.is_dir() and not other.name.startswith(".") and other.name != keep:
             try:
-                with _flock(base / f"{other.name}.lock", timeout=0):
+                with flock(base / f"{other.name}.lock", timeout=0):
                     shutil.rmtree(other, ignore_errors=True)
                 (base / f"{other.name}.lock").unlink(missing_ok=True)
             except TimeoutError:

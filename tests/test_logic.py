@@ -5,8 +5,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from backchat import preflight, report, settings, stack
-from backchat.model import is_verified
+from backchat import images, outcomes, preflight, report, settings, stack
+from backchat.model_source import is_verified
 
 
 @pytest.fixture
@@ -76,12 +76,12 @@ def test_thread_count(cfg):
 
 
 def test_report_names_every_host_and_why(tmp_path, monkeypatch):
-    monkeypatch.setattr(report, "_records", {})
+    monkeypatch.setattr(outcomes, "_records", {})
     hosts = [SimpleNamespace(name=name) for name in ("ai-01", "ai-02", "ai-03")]
     state = SimpleNamespace(inventory=hosts, failed_hosts=[hosts[1], hosts[2]])
-    report.record("ai-01", verify="pass", backends="localai", model_id="gpt-3.5-turbo", seconds=3.2)
-    report.record("ai-02", failure="Refused: Debian 11 is not supported")
-    report.record("ai-02", failure="a later, less useful error")
+    outcomes.record("ai-01", verify="pass", backends="localai", model_id="gpt-3.5-turbo", seconds=3.2)
+    outcomes.record("ai-02", failure="Refused: Debian 11 is not supported")
+    outcomes.record("ai-02", failure="a later, less useful error")
     rows = report.rows(state)
     assert [row["result"] for row in rows] == ["ok", "FAILED", "FAILED"]
     assert rows[1]["failure"] == "Refused: Debian 11 is not supported"
@@ -102,7 +102,7 @@ def test_archive_tags_read_from_a_docker_save_tarball(tmp_path):
         info = tarfile.TarInfo("manifest.json")
         info.size = len(manifest)
         archive.addfile(info, io.BytesIO(manifest))
-    assert stack.archive_tags(str(path)) == ["backchat-test/llama-server:sid"]
+    assert images.archive_tags(str(path)) == ["backchat-test/llama-server:sid"]
 
 
 def test_image_archives_must_exist_on_the_controller(tmp_path):

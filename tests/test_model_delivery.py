@@ -129,11 +129,40 @@ def served(server, name: str) -> int:
     return server.bytes_served.get(name, 0)
 
 
+# Each test states what the hosts must hold before it starts, so any one test runs alone.
+
+
+def forget(host, name: str) -> None:
+    """The host holds nothing of ``name``: no file, no partial download, no marker."""
+    host.run(f"rm -f {MODELS}/{name} {MODELS}/{name}.part {MODELS}/.{name}.verified")
+
+
+def holding(host, hub, tmp_path, name: str = MODEL) -> None:
+    """The host holds ``name``, verified (a deploy; a no-op when it already does)."""
+    if sha_on(host, name) != SHA[name]:
+        forget(host, name)
+        run = deploy([host], hub, tmp_path, model=name)
+        assert run.returncode == 0, run
+    assert sha_on(host, name) == SHA[name]
+
+
+@pytest.fixture(scope="module")
+def controller_runs(hosts, hub, tmp_path_factory, controller_dirs):
+    """The controller pushes CONTROLLER_MODEL to every host, then a second run finds nothing to do."""
+    tmp_path = tmp_path_factory.mktemp("controller-runs")
+    for host in hosts:
+        forget(host, CONTROLLER_MODEL)
+    first = deploy(hosts, hub, tmp_path, model=CONTROLLER_MODEL, model_source="controller", env_extra=controller_dirs)
+    again = deploy(hosts, hub, tmp_path, model=CONTROLLER_MODEL, model_source="controller", env_extra=controller_dirs)
+    return first, again
+
+
 # --- hub: a transfer killed half-way resumes on the next run --------------------------
 
 
 def test_killed_transfer_fails_clearly_and_the_next_run_resumes(hosts, hub, tmp_path):
     host = hosts[0]
+    forget(host, MODEL)
     # Every GET of the file is cut after 512 KiB: all five attempts of the script fail.
     hub.drop_after(MODEL, 512 * 1024, times=1000)
     try:
@@ -163,6 +192,7 @@ def test_killed_transfer_fails_clearly_and_the_next_run_resumes(hosts, hub, tmp_
 
 def test_noop_rerun_does_not_open_the_model(hosts, hub, tmp_path):
     host = hosts[0]
+    holding(host, hub, tmp_path)
     trace = tmp_path / "openat.trace"
     # Everything the host's sshd and its children open during the run (sessions, facts,
     # commands). The model's path must not be among them.
@@ -190,6 +220,7 @@ def test_noop_rerun_does_not_open_the_model(hosts, hub, tmp_path):
 
 def test_corruption_with_the_mtime_restored_is_found_by_full_verify(hosts, hub, tmp_path):
     host = hosts[0]
+    holding(host, hub, tmp_path)
     path = f"{MODELS}/{MODEL}"
     # Flip bytes in the middle; same size, and the mtime put back, so the marker still matches.
     host.run(
@@ -211,6 +242,7 @@ def test_corruption_with_the_mtime_restored_is_found_by_full_verify(hosts, hub, 
 
 def test_a_changed_mtime_makes_marker_mode_check_again(hosts, hub, tmp_path):
     host = hosts[0]
+    holding(host, hub, tmp_path)
     path = f"{MODELS}/{MODEL}"
     host.run(f"touch -d '2001-01-01' {path}")  # content intact, stat disagrees with the marker
     before = served(hub, MODEL)
@@ -258,7 +290,8 @@ def test_not_enough_disk_stops_before_downloading(hosts, hub, tmp_path):
 
 def test_unreachable_upstream_fails_only_hosts_without_the_model(hosts, hub, tmp_path):
     holder, empty = hosts[0], hosts[1]
-    assert sha_on(holder, MODEL) == SHA[MODEL] and sha_on(empty, MODEL) is None
+    holding(holder, hub, tmp_path)
+    forget(empty, MODEL)
     run = deploy([holder, empty], hub, tmp_path, hf_endpoint=f"http://{GATEWAY}:{closed_port()}")
     assert run.returncode != 0, run
     assert failed_hosts(run) == [empty.name], run
@@ -273,9 +306,8 @@ def test_unreachable_upstream_fails_only_hosts_without_the_model(hosts, hub, tmp
 # --- model_source = controller ------------------------------------------------------------
 
 
-def test_controller_downloads_once_and_pushes_to_every_host(hosts, hub, tmp_path, controller_dirs):
-    # md-1 and md-2 have the stack already; md-3 is new. None holds this file yet.
-    run = deploy(hosts, hub, tmp_path, model=CONTROLLER_MODEL, model_source="controller", env_extra=controller_dirs)
+def test_controller_downloads_once_and_pushes_to_every_host(hosts, hub, controller_runs, controller_dirs):
+    run, again = controller_runs
     assert run.returncode == 0, run
     assert served(hub, CONTROLLER_MODEL) == SIZE, "upstream served more than one copy"
     for host in hosts:
@@ -287,12 +319,11 @@ def test_controller_downloads_once_and_pushes_to_every_host(hosts, hub, tmp_path
     linked = subprocess.run(["sh", "-c", f"ls {cache}/snapshots/*/{CONTROLLER_MODEL}"], capture_output=True, text=True)
     assert linked.returncode == 0, linked.stderr
 
-    again = deploy(hosts, hub, tmp_path, model=CONTROLLER_MODEL, model_source="controller", env_extra=controller_dirs)
     assert again.returncode == 0 and again.changed_ops() == [], again
     assert served(hub, CONTROLLER_MODEL) == SIZE
 
 
-def test_controller_push_resumes_and_does_not_rehash_its_copy(hosts, hub, tmp_path, controller_dirs):
+def test_controller_push_resumes_and_does_not_rehash_its_copy(hosts, hub, tmp_path, controller_dirs, controller_runs):
     host = hosts[2]
     path = f"{MODELS}/{CONTROLLER_MODEL}"
     half = SIZE // 2
@@ -314,7 +345,9 @@ def test_controller_push_resumes_and_does_not_rehash_its_copy(hosts, hub, tmp_pa
     assert sha_on(host, CONTROLLER_MODEL) == SHA[CONTROLLER_MODEL]
 
 
-def test_controller_with_the_hub_down_pushes_its_verified_copy_for_a_pinned_sha(hosts, hub, tmp_path, controller_dirs):
+def test_controller_with_the_hub_down_pushes_its_verified_copy_for_a_pinned_sha(
+    hosts, hub, tmp_path, controller_dirs, controller_runs
+):
     host = hosts[1]
     host.run(f"rm -f {MODELS}/{CONTROLLER_MODEL} {MODELS}/.{CONTROLLER_MODEL}.verified")
     down = {"hf_endpoint": f"http://{GATEWAY}:{closed_port()}", "model_source": "controller"}
@@ -334,11 +367,14 @@ def test_controller_with_the_hub_down_pushes_its_verified_copy_for_a_pinned_sha(
 
 
 def test_mirror_serves_the_hosts_and_upstream_serves_nothing(hosts, hub, mirror, tmp_path):
+    for host in hosts:
+        forget(host, MIRROR_MODEL)
+    before = served(mirror, MIRROR_MODEL)
     url = mirror.url(REPO, MIRROR_MODEL, host=GATEWAY)
     run = deploy(hosts, hub, tmp_path, model=MIRROR_MODEL, model_source="mirror", model_mirror_url=url)
     assert run.returncode == 0, run
     assert served(hub, MIRROR_MODEL) == 0
-    assert served(mirror, MIRROR_MODEL) == 3 * SIZE
+    assert served(mirror, MIRROR_MODEL) - before == 3 * SIZE
     for host in hosts:
         assert sha_on(host, MIRROR_MODEL) == SHA[MIRROR_MODEL]
         assert marker_on(host, MIRROR_MODEL)["url"] == url

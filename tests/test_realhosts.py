@@ -18,7 +18,8 @@ import sys
 import pytest
 import yaml
 
-from backchat import settings, stack
+from backchat import secrets, stack
+from tests.cfg import make_cfg
 from tests.deploy_runner import PROJECT, run_deploy, write_inventory
 from tests.harness.hub import FakeHub
 from tests.harness.sandbox import GATEWAY
@@ -139,15 +140,14 @@ def test_compose_file_accepted_by_docker_compose(first_run, fleet):
     assert done.stdout.strip() == "valid", done.stderr
 
 
-@pytest.mark.parametrize("api_key", [None, "k3y-abcdefgh"])
+@pytest.mark.parametrize("api_key", [None, "k3y-abcdefgh-0123456789"])
 @pytest.mark.parametrize("backend, frontend", COMBINATIONS)
 def test_every_variant_is_accepted_by_docker_compose(first_run, fleet, backend, frontend, api_key):
     """Every backend/frontend/key combination, rendered here, parsed by compose v2 there."""
-    data = settings.load_defaults()
-    data.update(backend=backend, frontend=frontend, api_key=api_key)
-    cfg = settings.validate(data)
+    cfg = make_cfg(backend=backend, frontend=frontend, api_key=api_key)
     project = f"/tmp/variant-{backend}-{frontend}-{bool(api_key)}"
     rendered = stack.rendered_files(cfg, threads=3)
+    rendered[f"{cfg.stack_dir}/.env"] = (secrets.reveal(stack.env_lines(cfg)), "0600")
     target = fleet[1].root / project.lstrip("/")
     target.mkdir(parents=True, exist_ok=True)
     for name in ("docker-compose.yaml", ".env"):

@@ -13,12 +13,13 @@ import re
 import pytest
 import yaml
 
-from backchat import settings, stack
+from backchat import secrets, settings, stack
+from tests.cfg import make_cfg
 from tests.variants import COMBINATIONS
 
 MODEL_ID = "gpt-3.5-turbo"
 MODEL_FILE = "mistral-7b-openorca.Q4_K_M.gguf"
-KEY = "k3y-abcdefgh"
+KEY = "k3y-abcdefgh-0123456789"
 KEY_REF = re.compile(r"\$\{BACKCHAT_API_KEY(:?[?-][^}]*)?\}")
 
 # Container-side ports, fixed by the images (not settings).
@@ -30,12 +31,6 @@ EXPECTED_SERVICES = {
     ("localai", "textgen"): {"localai", "textgen"},
     ("textgen", "chatbot-ui"): {"textgen", "chatbot-ui"},
 }
-
-
-def make_cfg(**overrides) -> settings.Settings:
-    data = settings.load_defaults()
-    data.update(overrides)
-    return settings.validate(data)
 
 
 def parse_env(text: str) -> dict[str, str]:
@@ -59,6 +54,8 @@ class Rendered:
         self.cfg = cfg
         self.threads = threads
         self.files = stack.rendered_files(cfg, threads)
+        # .env holds the key: secret_file writes it, from these lines, mode 0600.
+        self.files[f"{cfg.stack_dir}/.env"] = (secrets.reveal(stack.env_lines(cfg)), "0600")
         self.compose_path = f"{cfg.stack_dir}/docker-compose.yaml"
         self.env_path = f"{cfg.stack_dir}/.env"
         self.model_yaml_path = f"{cfg.models_dir}/{MODEL_ID}.yaml"
@@ -403,20 +400,19 @@ def _compose_reads_dotenv_value(raw: str) -> str | None:
 def test_a_key_the_validator_accepts_reaches_compose_unchanged(key):
     """env.j2 writes the key unquoted, so any accepted key must survive Compose's .env
     parsing as is: either the validator refuses such characters, or the file quotes them."""
-    data = settings.load_defaults()
-    data.update(api_key=key)
     try:
-        cfg = settings.validate(data)
-    except settings.SettingsError as error:
+        checked = secrets.check_key(key, "$BACKCHAT_API_KEY")
+    except secrets.SecretError as error:
         assert key not in str(error)  # refused, and the secret is not echoed
         return
-    env = parse_env(stack.rendered_files(cfg, 2)[f"{cfg.stack_dir}/.env"][0])
+    cfg = make_cfg(api_key=checked.reveal())
+    env = parse_env(secrets.reveal(stack.env_lines(cfg)))
     assert _compose_reads_dotenv_value(env["BACKCHAT_API_KEY"]) == key
 
 
 def test_env_file_plain_key_reads_back_unchanged():
     cfg = make_cfg(api_key=KEY)
-    env = parse_env(stack.rendered_files(cfg, 2)[f"{cfg.stack_dir}/.env"][0])
+    env = parse_env(secrets.reveal(stack.env_lines(cfg)))
     assert _compose_reads_dotenv_value(env["BACKCHAT_API_KEY"]) == KEY
 
 
@@ -483,7 +479,6 @@ def test_render_single_template_matches_rendered_files():
     cfg = make_cfg()
     files = stack.rendered_files(cfg, 4)
     assert stack.render("docker-compose.yaml.j2", cfg, 4) == files["/opt/backchat/docker-compose.yaml"][0]
-    assert stack.render("env.j2", cfg, 4) == files["/opt/backchat/.env"][0]
 
 # Docker's own parser checks every variant in tests/test_realhosts.py, on a trixie host
 # where the deploy installed compose v2 (this machine has no compose v2 to run).

@@ -9,8 +9,9 @@ import time
 
 import pytest
 
-from backchat import settings
+from backchat.secrets import Secret
 from backchat.verify import ask, check_all, key_is_enforced, wait_for_model
+from tests.cfg import make_cfg
 from tests.deploy_runner import PROJECT
 from tests.harness.llama_server import LlamaServer, free_port
 from tests.harness.tiny_gguf import write_tiny_gguf
@@ -70,7 +71,7 @@ def test_wrong_path_is_a_404(server):
 
 
 def test_api_key_given_and_not_given(keyed_server):
-    assert wait_for_model("llamacpp", keyed_server.url, "gpt-3.5-turbo", KEY, timeout=10).ok
+    assert wait_for_model("llamacpp", keyed_server.url, "gpt-3.5-turbo", Secret(KEY), timeout=10).ok
     refused = wait_for_model("llamacpp", keyed_server.url, "gpt-3.5-turbo", None, timeout=2)
     assert not refused.ok and "401" in refused.detail and "API key" in refused.detail
     assert key_is_enforced(keyed_server.url) is None
@@ -81,17 +82,15 @@ def test_key_not_enforced_is_reported(server):
 
 
 def test_chat_completion_is_well_formed(keyed_server):
-    first_line, seconds = ask(keyed_server.url, "gpt-3.5-turbo", KEY, timeout=120)
+    first_line, seconds = ask(keyed_server.url, "gpt-3.5-turbo", Secret(KEY), timeout=120)
     assert isinstance(first_line, str) and first_line and seconds >= 0
 
 
 def test_check_all_uses_the_settings(keyed_server):
-    data = settings.load_defaults()
-    data.update(
+    cfg = make_cfg(
         backend="llamacpp", localai_port=keyed_server.port, api_key=KEY,
         verify_timeout=10, verify_chat=True, chat_timeout=120,
     )
-    cfg = settings.validate(data)
     (result,) = check_all(cfg, "127.0.0.1")
     assert result.ok, result
     assert result.url == keyed_server.url and result.detail.startswith("answered in")

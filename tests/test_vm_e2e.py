@@ -54,6 +54,8 @@ IMAGES = {
     CHATBOT_UI_IMAGE: {"Entrypoint": ["sleep", "infinity"], "StopSignal": "SIGKILL"},
 }
 MODEL_ID = "gpt-3.5-turbo"
+API_KEY = "vm-e2e-test-key-0123456789"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 # Settings a user would pass; secrets and endpoints of the developer's shell stay out.
 SCRUBBED_ENV = ("BACKCHAT_API_KEY", "HF_TOKEN", "HF_ENDPOINT", "BACKCHAT_HOSTS", "BACKCHAT_VAGRANT")
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -187,6 +189,8 @@ def deploy(e2e: E2E, label: str, archives: bool = True, timeout: int = 2400) -> 
     if archives:
         settings["image_archives"] = e2e.image_archive
     env = {k: v for k, v in os.environ.items() if k not in SCRUBBED_ENV}
+    # The key a user's fleet would generate once; fixed here so the test can use the API too.
+    env["BACKCHAT_API_KEY"] = API_KEY
     debug_log = PROJECT / "pyinfra-debug.log"  # pyinfra writes it to cwd on an internal error
     had_debug_log = debug_log.exists()
     started = time.monotonic()
@@ -315,6 +319,7 @@ def test_deploy_brings_up_the_stack_and_it_answers(e2e: E2E) -> None:
 
     response = httpx.post(
         f"{e2e.api}/v1/chat/completions",
+        headers=AUTH,
         json={"model": MODEL_ID, "messages": [{"role": "user", "content": "Who was president in 1997?"}],
               "max_tokens": 8},
         timeout=300,
@@ -350,7 +355,7 @@ def test_stack_comes_back_after_a_reboot(e2e: E2E) -> None:
     last = "no answer"
     while True:
         try:
-            response = httpx.get(f"{e2e.api}/v1/models", timeout=10)
+            response = httpx.get(f"{e2e.api}/v1/models", headers=AUTH, timeout=10)
             if response.status_code == 200 and MODEL_ID in [m.get("id") for m in response.json()["data"]]:
                 break
             last = f"HTTP {response.status_code}: {response.text[:200]}"

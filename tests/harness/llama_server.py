@@ -32,7 +32,7 @@ import urllib.request
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from tests.harness.sandbox import _flock as _locked, _mounts_under, _remove_tree as _rmtree, _unmount_under
+from tests.harness.sandbox import flock as _locked, mounts_under, remove_tree as _rmtree, unmount_under
 
 CACHE = Path(os.environ.get("BACKCHAT_TEST_CACHE", "/var/cache/backchat-tests"))
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
@@ -120,8 +120,8 @@ def _run(cmd: Sequence[str], log: Path | None = None, **kw) -> subprocess.Comple
 
 
 def _umount_all(path: Path) -> None:
-    _unmount_under(path)
-    left = _mounts_under(path)
+    unmount_under(path)
+    left = mounts_under(path)
     if left:
         raise HarnessError(f"could not unmount {left}")
 

@@ -77,7 +77,7 @@ _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,30}$")
 # --------------------------------------------------------------------------- helpers
 
 
-def _sh(*argv: str | os.PathLike[str], check: bool = True, **kw) -> subprocess.CompletedProcess:
+def sh(*argv: str | os.PathLike[str], check: bool = True, **kw) -> subprocess.CompletedProcess:
     """Run a host command; failures carry the command's output so test logs explain them."""
     cmd = [str(a) for a in argv]
     proc = subprocess.run(cmd, capture_output=True, text=True, **kw)
@@ -89,7 +89,7 @@ def _sh(*argv: str | os.PathLike[str], check: bool = True, **kw) -> subprocess.C
 
 
 @contextlib.contextmanager
-def _flock(path: Path, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
+def flock(path: Path, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
     """Exclusive lock across processes (two pytest runs must not build or wire at once)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as fh:
@@ -123,7 +123,7 @@ def ssh_host_data(hostname: str, port: int, key_path: str) -> dict:
     }
 
 
-def _mounts_under(path: Path) -> list[str]:
+def mounts_under(path: Path) -> list[str]:
     """Mount points at or below path, in mount order (unmount them reversed)."""
     prefix = str(path.resolve())
     found = []
@@ -134,22 +134,22 @@ def _mounts_under(path: Path) -> list[str]:
     return found
 
 
-def _unmount_under(path: Path) -> None:
-    for target in reversed(_mounts_under(path)):
-        if _sh("umount", target, check=False).returncode != 0:
+def unmount_under(path: Path) -> None:
+    for target in reversed(mounts_under(path)):
+        if sh("umount", target, check=False).returncode != 0:
             # Something still has a file open (a straggling process): detach it anyway.
-            _sh("umount", "--lazy", target, check=False)
+            sh("umount", "--lazy", target, check=False)
 
 
-def _remove_tree(path: Path) -> None:
+def remove_tree(path: Path) -> None:
     """Delete a host or build directory, never following a bind mount into /dev or /proc."""
     if not path.exists():
         return
-    _unmount_under(path)
-    left = _mounts_under(path)
+    unmount_under(path)
+    left = mounts_under(path)
     if left:
         raise RuntimeError(f"refusing to delete {path}: still mounted: {left}")
-    _sh("rm", "-rf", "--one-file-system", path)
+    sh("rm", "-rf", "--one-file-system", path)
 
 
 def _kill(pids: set[int]) -> None:
@@ -177,7 +177,7 @@ def _is_zombie(pid: int) -> bool:
 
 
 def _pids_in_netns(netns: str) -> set[int]:
-    out = _sh("ip", "netns", "pids", netns, check=False).stdout
+    out = sh("ip", "netns", "pids", netns, check=False).stdout
     return {int(p) for p in out.split()}
 
 
@@ -220,15 +220,15 @@ def debian_root(suite: str) -> Path:
     dest = ROOTS_DIR / f"{suite}-{digest[:12]}"
     if dest.is_dir():
         return dest
-    with _flock(ROOTS_DIR / f"{suite}-{digest[:12]}.lock"):
+    with flock(ROOTS_DIR / f"{suite}-{digest[:12]}.lock"):
         if dest.is_dir():  # another process built it while we waited
             return dest
         for stale in ROOTS_DIR.glob(f".build-{dest.name}-*"):  # an interrupted build
-            _remove_tree(stale)
+            remove_tree(stale)
         build = Path(tempfile.mkdtemp(prefix=f".build-{dest.name}-", dir=ROOTS_DIR))
         try:
             started = time.monotonic()
-            _sh(
+            sh(
                 "debootstrap",
                 "--variant=minbase",
                 f"--include={','.join(INCLUDE)}",
@@ -241,7 +241,7 @@ def debian_root(suite: str) -> Path:
             os.rename(build, dest)
             log.info("built %s root in %.0fs: %s", suite, time.monotonic() - started, dest)
         except BaseException:
-            _remove_tree(build)
+            remove_tree(build)
             raise
     return dest
 
@@ -250,10 +250,10 @@ def _finish_root(root: Path) -> None:
     """Make the root ready to clone: package lists present, no build-host identity left."""
     # debootstrap drops its package lists; fetch real ones now so `apt-get install` in a
     # host works even before an `apt-get update` (the build runs with the host's network).
-    _sh("chroot", root, "apt-get", "update", env={"PATH": HOST_PATH, "LC_ALL": "C"})
-    _sh("chroot", root, "apt-get", "clean", env={"PATH": HOST_PATH, "LC_ALL": "C"})
+    sh("chroot", root, "apt-get", "update", env={"PATH": HOST_PATH, "LC_ALL": "C"})
+    sh("chroot", root, "apt-get", "clean", env={"PATH": HOST_PATH, "LC_ALL": "C"})
     if not list((root / "etc/ssh").glob("ssh_host_*_key")):
-        _sh("chroot", root, "ssh-keygen", "-A", env={"PATH": HOST_PATH})
+        sh("chroot", root, "ssh-keygen", "-A", env={"PATH": HOST_PATH})
     (root / "etc/resolv.conf").unlink(missing_ok=True)
     (root / "etc/resolv.conf").write_text("nameserver 127.0.0.1\n")
 
@@ -309,7 +309,7 @@ class _AptProxyHandler(http.server.BaseHTTPRequestHandler):
         log.debug("apt-proxy: " + fmt, *args)
 
 
-class _AptProxy:
+class AptProxy:
     def __init__(self, bind: str) -> None:
         handler = type("Handler", (_AptProxyHandler,), {"allowed_hosts": _mirror_hosts()})
         try:
@@ -399,7 +399,7 @@ class _Network:
             if self.users == 0:
                 stack = contextlib.ExitStack()
                 try:
-                    stack.enter_context(_flock(CACHE / "hosts.lock"))
+                    stack.enter_context(flock(CACHE / "hosts.lock"))
                     _cleanup_stale_locked()
                     self._start(stack)
                 except BaseException:
@@ -417,19 +417,19 @@ class _Network:
 
     def _start(self, stack: contextlib.ExitStack) -> None:
         HOSTS_DIR.mkdir(parents=True, exist_ok=True)
-        _sh("ip", "link", "add", BRIDGE, "type", "bridge")
-        stack.callback(_sh, "ip", "link", "del", BRIDGE, check=False)
-        _sh("ip", "addr", "add", f"{GATEWAY}/{PREFIX_LEN}", "dev", BRIDGE)
-        _sh("ip", "link", "set", BRIDGE, "up")
-        proxy = _AptProxy(GATEWAY)
+        sh("ip", "link", "add", BRIDGE, "type", "bridge")
+        stack.callback(sh, "ip", "link", "del", BRIDGE, check=False)
+        sh("ip", "addr", "add", f"{GATEWAY}/{PREFIX_LEN}", "dev", BRIDGE)
+        sh("ip", "link", "set", BRIDGE, "up")
+        proxy = AptProxy(GATEWAY)
         stack.callback(proxy.close)
         self.apt_proxy_url = proxy.url
         # One key pair per session: it only ever opens throwaway hosts.
         key_dir = HOSTS_DIR / ".ssh"  # host names cannot start with a dot: no clash
         key_dir.mkdir(mode=0o700)
-        stack.callback(_remove_tree, key_dir)
+        stack.callback(remove_tree, key_dir)
         key = key_dir / "id_ed25519"
-        _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "backchat-tests", "-f", key)
+        sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "backchat-tests", "-f", key)
         self.key_path = str(key)
         self.public_key = key.with_suffix(".pub").read_text()
 
@@ -455,26 +455,26 @@ def cleanup_stale() -> None:
     it by hand only when this process has no live hosts (it waits for other processes')."""
     if _network.users:
         raise RuntimeError("cleanup_stale() while this process has live sandbox hosts")
-    with _flock(CACHE / "hosts.lock"):
+    with flock(CACHE / "hosts.lock"):
         _cleanup_stale_locked()
 
 
 def _cleanup_stale_locked() -> None:
-    for netns in _sh("ip", "netns", "list", check=False).stdout.splitlines():
+    for netns in sh("ip", "netns", "list", check=False).stdout.splitlines():
         name = netns.split()[0] if netns.strip() else ""
         if name.startswith(NETNS_PREFIX):
             log.warning("removing stale network namespace %s", name)
             _kill(_pids_in_netns(name))
-            _sh("ip", "netns", "del", name, check=False)
+            sh("ip", "netns", "del", name, check=False)
     if HOSTS_DIR.exists():
         _kill(_pids_rooted_under(HOSTS_DIR))
         for child in HOSTS_DIR.iterdir():
             log.warning("removing stale sandbox dir %s", child)
-            _remove_tree(child)
-    for link in _sh("ip", "-o", "link", "show", check=False).stdout.splitlines():
+            remove_tree(child)
+    for link in sh("ip", "-o", "link", "show", check=False).stdout.splitlines():
         ifname = link.split(":")[1].strip().split("@")[0]
         if ifname == BRIDGE or re.fullmatch(rf"{VETH_PREFIX}\d+", ifname):
-            _sh("ip", "link", "del", ifname, check=False)
+            sh("ip", "link", "del", ifname, check=False)
 
 
 # --------------------------------------------------------------------------- hosts
@@ -505,12 +505,12 @@ class SandboxHost:
         stack = self._stack
         if self.dir.exists():
             raise FileExistsError(f"sandbox host {self.name!r} already exists")
-        stack.callback(_remove_tree, self.dir)
+        stack.callback(remove_tree, self.dir)
         for sub in ("upper", "work", "root"):
             (self.dir / sub).mkdir(parents=True)
         self._mount_root(lower)
         # Exit callbacks run in reverse: processes die, then the netns goes, then the mounts.
-        stack.callback(_sh, "ip", "netns", "del", self.netns, check=False)
+        stack.callback(sh, "ip", "netns", "del", self.netns, check=False)
         stack.callback(self._kill_processes)
         self._write_config()
         self._wire_network()
@@ -520,20 +520,20 @@ class SandboxHost:
         self._stack.close()
 
     def _mount_root(self, lower: Path) -> None:
-        # Every mount gets unmounted by _remove_tree (registered first, so it runs last);
+        # Every mount gets unmounted by remove_tree (registered first, so it runs last);
         # mounts are made private so that, on a host with shared propagation, nothing
         # mounted or unmounted in a host root leaks back into the real /dev or /proc.
         opts = f"lowerdir={lower},upperdir={self.dir / 'upper'},workdir={self.dir / 'work'}"
         try:
-            _sh("mount", "-t", "overlay", "overlay", "-o", opts, self.root)
-            _sh("mount", "--make-private", self.root)
+            sh("mount", "-t", "overlay", "overlay", "-o", opts, self.root)
+            sh("mount", "--make-private", self.root)
         except subprocess.CalledProcessError as exc:
             log.warning("overlayfs failed (%s); copying the root instead", exc.stderr.strip())
             self.root.rmdir()
-            _sh("cp", "-a", "--reflink=auto", lower, self.root)
+            sh("cp", "-a", "--reflink=auto", lower, self.root)
         for src in ("/proc", "/sys", "/dev", "/dev/pts"):
-            _sh("mount", "--bind", src, f"{self.root}{src}")
-            _sh("mount", "--make-private", f"{self.root}{src}")
+            sh("mount", "--bind", src, f"{self.root}{src}")
+            sh("mount", "--make-private", f"{self.root}{src}")
 
     def _write_config(self) -> None:
         etc = self.root / "etc"
@@ -550,15 +550,15 @@ class SandboxHost:
 
     def _wire_network(self) -> None:
         veth = f"{VETH_PREFIX}{self.slot}"
-        _sh("ip", "netns", "add", self.netns)
+        sh("ip", "netns", "add", self.netns)
         # Deleting the namespace deletes eth0 and with it the veth's bridge end.
-        _sh("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", self.netns)
-        _sh("ip", "link", "set", veth, "master", BRIDGE, "up")
+        sh("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", self.netns)
+        sh("ip", "link", "set", veth, "master", BRIDGE, "up")
         in_ns = ("ip", "-n", self.netns)
-        _sh(*in_ns, "link", "set", "lo", "up")
-        _sh(*in_ns, "addr", "add", f"{self.address}/{PREFIX_LEN}", "dev", "eth0")
-        _sh(*in_ns, "link", "set", "eth0", "up")
-        _sh(*in_ns, "route", "add", "default", "via", GATEWAY)
+        sh(*in_ns, "link", "set", "lo", "up")
+        sh(*in_ns, "addr", "add", f"{self.address}/{PREFIX_LEN}", "dev", "eth0")
+        sh(*in_ns, "link", "set", "eth0", "up")
+        sh(*in_ns, "route", "add", "default", "via", GATEWAY)
 
     def _kill_processes(self) -> None:
         for proxy in self._proxies:
@@ -592,7 +592,7 @@ class SandboxHost:
         Like any captured subprocess this waits for stdout/stderr to close: a command that
         leaves a daemon behind must redirect its output (``cmd >/dev/null 2>&1 &``).
         """
-        return _sh(*self._in_host("sh", "-c", cmd), check=check, env=self._env())
+        return sh(*self._in_host("sh", "-c", cmd), check=check, env=self._env())
 
     def start_sshd(self) -> None:
         if self._sshd is not None and self._sshd.poll() is None:

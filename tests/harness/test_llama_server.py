@@ -182,7 +182,7 @@ def test_start_delay_and_cleanup(llama_root, tiny_model):
         srv.stop()
     assert not _port_open(srv.port)
     assert rundir is not None and not rundir.exists()
-    assert ls._mounts_under(llama_root) == []
+    assert ls.mounts_under(llama_root) == []
 
 
 @realhost_mark
@@ -192,7 +192,7 @@ def test_bad_model_fails_fast(llama_root, tmp_path):
     with pytest.raises(ls.HarnessError, match="exited"):
         with ls.LlamaServer(bogus, ready_timeout=60):
             pass
-    assert ls._mounts_under(llama_root) == []
+    assert ls.mounts_under(llama_root) == []
 
 
 @realhost_mark

@@ -9,7 +9,7 @@ so the cached image stays clean and every run starts from the same state.
 Networking is QEMU's user mode (slirp): the guest is 10.0.2.15 and sees the controller's
 127.0.0.1 as 10.0.2.2. The controller reaches the guest only through forwarded ports on
 127.0.0.1 (SSH, and whatever the test asks for). apt in the guest goes through
-``sandbox._AptProxy`` (only the Debian mirror), bound on the controller's 127.0.0.1.
+``sandbox.AptProxy`` (only the Debian mirror), bound on the controller's 127.0.0.1.
 
 ``llama_image_tar()`` is the stand-in for the llama.cpp server image: the cached sid root of
 ``llama_server`` plus curl (the upstream image has curl; backchat's healthcheck uses it).
@@ -40,7 +40,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from tests.harness import llama_server
-from tests.harness.sandbox import CACHE, MIRROR, _AptProxy, _flock, _remove_tree, _sh, ssh_host_data
+from tests.harness.sandbox import CACHE, MIRROR, AptProxy, flock, remove_tree, sh, ssh_host_data
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def boot_kernel() -> tuple[Path, Path, str]:
 
 def _kernel_build(version: str) -> str:
     """The kernel package's version: a rebuilt kernel with the same ABI gets a new image."""
-    proc = _sh("dpkg-query", "-W", "-f", "${Version}", f"linux-image-{version}", check=False)
+    proc = sh("dpkg-query", "-W", "-f", "${Version}", f"linux-image-{version}", check=False)
     if proc.returncode == 0 and proc.stdout.strip():
         return proc.stdout.strip()
     stat = Path(f"/lib/modules/{version}/modules.dep").stat()
@@ -167,31 +167,31 @@ def vm_disk_image() -> Path:
     if (dest / "disk.img").is_file():
         return dest / "disk.img"
     VM_DIR.mkdir(parents=True, exist_ok=True)
-    with _flock(VM_DIR / f"{dest.name}.lock"):
+    with flock(VM_DIR / f"{dest.name}.lock"):
         if (dest / "disk.img").is_file():
             return dest / "disk.img"
         for stale in VM_DIR.glob(f".build-{dest.name}-*"):  # an interrupted build
-            _remove_tree(stale)
+            remove_tree(stale)
         build = Path(tempfile.mkdtemp(prefix=f".build-{dest.name}-", dir=VM_DIR))
         try:
             started = time.monotonic()
             root = build / "root"
-            _sh(
+            sh(
                 "debootstrap", "--variant=minbase", f"--include={','.join(INCLUDE)}",
                 SUITE, root, MIRROR,
             )  # fmt: skip
             key = build / "id_ed25519"
-            _sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "backchat-vm-tests", "-f", key)
+            sh("ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "backchat-vm-tests", "-f", key)
             _configure_root(root, key.with_suffix(".pub").read_text())
-            _sh("truncate", "-s", DISK_SIZE, build / "disk.img")
-            _sh("mkfs.ext4", "-q", "-F", "-L", "backchat-root", "-d", root, build / "disk.img")
-            _remove_tree(root)
+            sh("truncate", "-s", DISK_SIZE, build / "disk.img")
+            sh("mkfs.ext4", "-q", "-F", "-L", "backchat-root", "-d", root, build / "disk.img")
+            remove_tree(root)
             (build / "recipe.json").write_text(json.dumps(_recipe(), indent=2, sort_keys=True) + "\n")
             build.chmod(0o755)
             os.rename(build, dest)
             log.info("built VM image in %.0fs: %s", time.monotonic() - started, dest)
         except BaseException:
-            _remove_tree(build)
+            remove_tree(build)
             raise
     return dest / "disk.img"
 
@@ -210,7 +210,7 @@ def _configure_root(root: Path, public_key: str) -> None:
     _write(etc / "hosts", f"127.0.0.1\tlocalhost\n127.0.1.1\t{GUEST_HOSTNAME}\n")
     _write(etc / "fstab", "/dev/vda / ext4 defaults,errors=remount-ro 0 1\n")
     _write(etc / "systemd/network/20-eth0.network", "[Match]\nName=eth0\n\n[Network]\nDHCP=ipv4\n")
-    _sh("chroot", root, "systemctl", "enable", "systemd-networkd.service", env=env)
+    sh("chroot", root, "systemctl", "enable", "systemd-networkd.service", env=env)
     (etc / "resolv.conf").unlink(missing_ok=True)
     _write(etc / "resolv.conf", f"nameserver {SLIRP_DNS}\n")
     # Snapshot mirrors may serve an expired Release file; no translations saves downloads.
@@ -222,13 +222,13 @@ def _configure_root(root: Path, public_key: str) -> None:
     ssh_dir.mkdir(mode=0o700, exist_ok=True)
     _write(ssh_dir / "authorized_keys", public_key, 0o600)
     if not list((etc / "ssh").glob("ssh_host_*_key")):
-        _sh("chroot", root, "ssh-keygen", "-A", env=env)
+        sh("chroot", root, "ssh-keygen", "-A", env=env)
     # The booted kernel's modules (copied into /usr/lib: trixie's /lib is a link to it).
     _, _, version = boot_kernel()
     modules = root / "usr/lib/modules"
     modules.mkdir(parents=True, exist_ok=True)
-    _sh("cp", "-a", f"/lib/modules/{version}", modules)
-    _sh("chroot", root, "apt-get", "clean", env=env)
+    sh("cp", "-a", f"/lib/modules/{version}", modules)
+    sh("chroot", root, "apt-get", "clean", env=env)
 
 
 # --------------------------------------------------------------------------- llama image
@@ -265,22 +265,22 @@ def llama_image_tar() -> Path:
         return out
     base = llama_server.llama_root()
     roots = out.parent
-    with _flock(roots / f"{out.name}.lock"):
+    with flock(roots / f"{out.name}.lock"):
         if out.is_file():
             return out
         for stale in roots.glob(f".build-{out.name}-*"):
-            _remove_tree(stale)
+            remove_tree(stale)
         build = Path(tempfile.mkdtemp(prefix=f".build-{out.name}-", dir=roots))
         try:
             root = build / "root"
-            _sh("cp", "-a", "--reflink=auto", base, root)
+            sh("cp", "-a", "--reflink=auto", base, root)
             env = {"PATH": HOST_PATH, "LC_ALL": "C", "DEBIAN_FRONTEND": "noninteractive", "HOME": "/root"}
             # A private mount namespace: its /proc goes away with it, even if we crash.
             script = (
                 'mount -t proc proc "$1/proc" && chroot "$1" sh -c '
                 '"apt-get update && apt-get install -y $2 && apt-get clean"'
             )
-            _sh(
+            sh(
                 "unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
                 root, " ".join(LLAMA_IMAGE_PACKAGES), env=env,
             )  # fmt: skip
@@ -289,10 +289,10 @@ def llama_image_tar() -> Path:
             tmp = build / "image.tar"
             cmd = ["tar", "-C", str(root), "--numeric-owner", "--xattrs", "--one-file-system"]
             cmd += [f"--exclude={pat}" for pat in (*llama_server._TAR_EXCLUDES, *LLAMA_IMAGE_EXCLUDES)]
-            _sh(*cmd, "-cf", tmp, ".")
+            sh(*cmd, "-cf", tmp, ".")
             os.rename(tmp, out)
         finally:
-            _remove_tree(build)
+            remove_tree(build)
     return out
 
 
@@ -309,7 +309,7 @@ def docker_archive(layer: Path, images: Mapping[str, Mapping]) -> Path:
     out = CACHE / "roots" / f"images-{digest}.tar"
     if out.is_file():
         return out
-    with _flock(out.with_name(f"{out.name}.lock")):
+    with flock(out.with_name(f"{out.name}.lock")):
         if out.is_file():
             return out
         sha = hashlib.sha256()
@@ -415,10 +415,10 @@ class TestVM:
 
         overlay = self.workdir / "overlay.qcow2"
         overlay.unlink(missing_ok=True)
-        _sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", overlay)
+        sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", overlay)
         stack.callback(overlay.unlink, missing_ok=True)
 
-        proxy = _AptProxy("127.0.0.1")
+        proxy = AptProxy("127.0.0.1")
         stack.callback(proxy.close)
         proxy_port = proxy.server.server_address[1]
         self.apt_proxy_url = f"http://{SLIRP_HOST}:{proxy_port}"
@@ -461,7 +461,7 @@ class TestVM:
             return
         if proc.poll() is None:
             with contextlib.suppress(subprocess.SubprocessError, OSError):
-                _sh(*self.ssh_command("systemctl poweroff"), check=False, timeout=30)
+                sh(*self.ssh_command("systemctl poweroff"), check=False, timeout=30)
             try:
                 proc.wait(90)
             except subprocess.TimeoutExpired:
@@ -502,21 +502,21 @@ class TestVM:
         self, cmd: str, check: bool = True, timeout: float | None = 900, input: str | None = None
     ) -> subprocess.CompletedProcess:
         """Run a shell command in the guest as root over SSH; output captured (text)."""
-        return _sh(*self.ssh_command(cmd), check=check, timeout=timeout, input=input)
+        return sh(*self.ssh_command(cmd), check=check, timeout=timeout, input=input)
 
     def write_file(self, path: str, content: str, mode: str = "0644") -> None:
         quoted = shlex.quote(path)
         self.run(f"mkdir -p \"$(dirname {quoted})\" && cat > {quoted} && chmod {mode} {quoted}", input=content)
 
     def copy_to(self, local: Path | str, remote: str, timeout: float = 900) -> None:
-        _sh(
+        sh(
             "scp", *self._ssh_options(), "-q", "-P", str(self.ssh_port), local,
             f"root@127.0.0.1:{remote}", timeout=timeout,
         )  # fmt: skip
 
     def _boot_id(self) -> str | None:
         try:
-            proc = _sh(*self.ssh_command("cat /proc/sys/kernel/random/boot_id"), check=False, timeout=60)
+            proc = sh(*self.ssh_command("cat /proc/sys/kernel/random/boot_id"), check=False, timeout=60)
         except subprocess.TimeoutExpired:
             return None
         return proc.stdout.strip() if proc.returncode == 0 and proc.stdout.strip() else None

@@ -1,0 +1,73 @@
+"""Where each service listens, and the URLs every step uses to reach it.
+
+The single home of ports: the container port each image listens on (fixed by the image),
+the host port each service is published on (a setting), and the URLs built from them for
+browsers (the GUI, Backstage), for the controller (verify) and inside the compose network
+(Chatbot UI to its backend).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from pyinfra import host
+from pyinfra.facts.server import Hostname
+
+# Container-side ports, fixed by the images.
+CONTAINER_PORTS = {"localai": 8080, "llamacpp": 8080, "textgen": 5000, "textgen-gui": 7860, "chatbot-ui": 3000}
+# The services that serve the OpenAI API.
+API_SERVICES = ("localai", "llamacpp", "textgen")
+
+
+def host_port(cfg, service: str) -> int:
+    """The host port a service is published on (LocalAI and llama.cpp share one setting)."""
+    return {
+        "localai": cfg.localai_port,
+        "llamacpp": cfg.localai_port,
+        "textgen": cfg.textgen_api_port,
+        "textgen-gui": cfg.textgen_port,
+        "chatbot-ui": cfg.chatbot_ui_port,
+    }[service]
+
+
+def public_address(cfg) -> str:
+    """The name a browser uses for this host: never localhost, which is the browser's own.
+
+    Unset, it is the inventory name (or, for ``@local``, the host name), except when the
+    services listen on loopback only: then only a browser on the host itself can reach
+    them, at that loopback address.
+    """
+    if cfg.public_address:
+        return cfg.public_address
+    bind = ipaddress.ip_address(cfg.bind_address)
+    if bind.is_loopback:
+        return f"[{bind}]" if bind.version == 6 else str(bind)
+    if not host.name.startswith("@"):
+        return host.name
+    return host.get_fact(Hostname)
+
+
+def connect_address() -> str:
+    """Where the controller reaches this host: its SSH address, or loopback for @local."""
+    address = host.data.get("ssh_hostname") or host.name
+    return "127.0.0.1" if address.startswith("@") else address
+
+
+def gui_url(cfg, address: str) -> str:
+    """The chat GUI users open (and Backstage iframes)."""
+    service = "chatbot-ui" if cfg.frontend == "chatbot-ui" else "textgen-gui"
+    return f"http://{address}:{host_port(cfg, service)}"
+
+
+def api_urls(cfg, address: str) -> dict[str, str]:
+    """Backend service -> its OpenAI API base URL (without /v1) at ``address``."""
+    return {
+        service: f"http://{address}:{host_port(cfg, service)}"
+        for service in cfg.services
+        if service in API_SERVICES
+    }
+
+
+def internal_api_url(service: str) -> str:
+    """A backend's API base URL on the compose network (what Chatbot UI calls)."""
+    return f"http://{service}:{CONTAINER_PORTS[service]}"

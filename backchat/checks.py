@@ -1,0 +1,193 @@
+"""Value checkers for the settings: each returns the cleaned value or raises ``Invalid``.
+
+Patterns are matched whole (``fullmatch``: ``$`` would let a trailing newline through) and
+limited to characters that have no meaning to a shell, YAML, compose or ``.env``, so a
+value that passes round-trips unchanged through every file it reaches. Commands still
+quote every value.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tarfile
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+from backchat import images
+
+
+class Invalid(ValueError):
+    """What is wrong with a value (``problem``) and what to do about it (``fix``)."""
+
+    def __init__(self, problem: str, fix: str):
+        super().__init__(problem)
+        self.problem = problem
+        self.fix = fix
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_HF_REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+_REVISION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]*")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_SAFE_PATH = re.compile(r"/[A-Za-z0-9._/-]*")
+_IMAGE = re.compile(r"[a-z0-9][a-z0-9._/:-]*(@sha256:[0-9a-f]{64})?")
+_HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
+_URL = re.compile(r"https?://[A-Za-z0-9.:\[\]-]+(/[A-Za-z0-9._~/%-]*)?")
+_ORIGIN = re.compile(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
+_USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+_INTEGER = re.compile(r"-?[0-9]+")
+
+# Directories the deploy must never own: it would re-mode them, and others can write there
+# (a planted symlink in /tmp turns a root write into a write anywhere).
+_SYSTEM_TREES = (
+    "/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/run",
+    "/sbin", "/sys", "/tmp", "/usr", "/var/tmp", "/var/run", "/var/lock", "/lost+found",
+)
+_SHARED_DIRECTORIES = ("/", "/home", "/root", "/opt", "/srv", "/var", "/var/lib", "/mnt", "/media")
+
+
+def _string(value: Any, what: str, example: str) -> str:
+    if not isinstance(value, str):
+        raise Invalid(f"is not {what}", f"use something like {example}")
+    return value
+
+
+def pattern(regex: re.Pattern, what: str, example: str) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        text = _string(value, what, example)
+        if not regex.fullmatch(text) or ".." in text.split("/"):
+            raise Invalid(f"is not {what}", f"use something like {example}")
+        return text
+
+    return check
+
+
+def optional(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def checked(value: Any) -> Any:
+        return None if value is None else check(value)
+
+    return checked
+
+
+def choice(options: tuple[str, ...]) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if value not in options:
+            raise Invalid(f"must be one of {', '.join(options)}", f"use one of: {', '.join(options)}")
+        return value
+
+    return check
+
+
+def integer(low: int, high: int, example: int) -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        if isinstance(value, str) and _INTEGER.fullmatch(value):
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise Invalid(f"must be a whole number from {low} to {high}", f"use e.g. {example}")
+        return value
+
+    return check
+
+
+def boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise Invalid("must be True or False", "use True or False (on the command line: true/false)")
+
+
+port = integer(1, 65535, example=8080)
+hf_repo = pattern(_HF_REPO, "a Hugging Face repo id", "TheBloke/Mistral-7B-OpenOrca-GGUF")
+file_name = pattern(_SAFE_NAME, "a plain file name", "mistral-7b-openorca.Q4_K_M.gguf")
+revision = pattern(_REVISION, "a commit, branch or tag", "a 40-hex commit id")
+model_id = pattern(_SAFE_NAME, "a model name", "gpt-3.5-turbo")
+image = pattern(_IMAGE, "an image reference", "localai/localai:v4.9.0")
+hostname = pattern(_HOSTNAME, "a host name or IP address", "ai-01.lab.example")
+url = pattern(_URL, "an http(s) URL", "http://mirror.lab:8000/models/x.gguf")
+_path = pattern(_SAFE_PATH, "an absolute path", "/opt/backchat")
+
+
+def sha256(value: Any) -> str | None:
+    return None if value is None else pattern(_SHA256, "64 lower-case hex digits", "the file's sha256, or null")(value)
+
+
+def origin(value: Any) -> str:
+    """A browser origin: scheme, host and optional port, nothing else (CORS compares exactly)."""
+    text = _string(value, "an http(s) origin", "http://backstage.example:3000")
+    if not _ORIGIN.fullmatch(text):
+        raise Invalid("is not an origin (scheme://host[:port], no path, no trailing slash)",
+                      "use something like https://backstage.example.com")
+    parsed = urlsplit(text)
+    if parsed.port is not None and not 1 <= parsed.port <= 65535:
+        raise Invalid("has a port outside 1 to 65535", "use something like https://backstage.example.com:7007")
+    return text
+
+
+def ip_address(value: Any) -> str:
+    if not isinstance(value, str):
+        raise Invalid("is not an IP address", "use 0.0.0.0 (all interfaces) or 127.0.0.1 (quote it on the command line)")
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise Invalid("is not an IP address", "use 0.0.0.0 (all interfaces) or 127.0.0.1") from None
+
+
+def own_directory(value: Any) -> str:
+    """An absolute path that is backchat's own, never a system or shared directory."""
+    text = _path(value)
+    normal = str(PurePosixPath(text))
+    if normal in _SHARED_DIRECTORIES or PurePosixPath(normal).parent == PurePosixPath("/home"):
+        raise Invalid(f"is a shared directory ({normal}), not one of backchat's own",
+                      f"use a directory of its own, e.g. {normal.rstrip('/')}/backchat")
+    for tree in _SYSTEM_TREES:
+        if normal == tree or normal.startswith(tree + "/"):
+            raise Invalid(f"is inside the system directory {tree}", "use a directory of its own, e.g. /opt/backchat")
+    return normal
+
+
+def users(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value] if value else []
+    if not isinstance(value, (list, tuple)) or not all(isinstance(user, str) and _USER.fullmatch(user) for user in value):
+        raise Invalid("must be a list of user names", 'use e.g. ["alice", "bob"] or []')
+    return tuple(value)
+
+
+def controller_path(value: Any) -> str:
+    """A path on the controller (``~`` allowed), resolved."""
+    text = _string(value, "a file path", "~/.config/backchat/api-key")
+    if not text or any(ord(char) < 32 for char in text):
+        raise Invalid("is not a file path", "use something like ~/.config/backchat/api-key")
+    return str(Path(text).expanduser().resolve())
+
+
+def report_path(value: Any) -> str:
+    """Where the JSON report goes on the controller: its directory must exist and be writable now."""
+    path = Path(controller_path(value))
+    if path.is_dir():
+        raise Invalid("is a directory", f"name a file in it, e.g. {path}/backchat-report.json")
+    if not path.parent.is_dir():
+        raise Invalid(f"is in a directory that does not exist ({path.parent})", "create it, or choose another path")
+    if not os.access(path.parent, os.W_OK):
+        raise Invalid(f"is in a directory you cannot write ({path.parent})", "choose another path")
+    return str(path)
+
+
+def image_archives(value: Any) -> tuple[str, ...]:
+    """``docker save`` tarballs on the controller: they must exist now and hold tagged images."""
+    if isinstance(value, str):
+        value = [value] if value else []
+    if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) for item in value):
+        raise Invalid("must be a list of file paths", 'use e.g. ["images/localai.tar"] or []')
+    missing = [item for item in value if not Path(item).is_file()]
+    if missing:
+        raise Invalid(f"lists files that do not exist here: {missing}", "save them with docker save, or fix the paths")
+    for item in value:
+        try:
+            if not images.archive_tags(item):
+                raise Invalid(f"holds no tagged image: {item}", "docker save the images by name:tag")
+        except (tarfile.TarError, KeyError, ValueError, OSError):
+            raise Invalid(f"is not a docker save archive: {item}", "make it with docker save -o FILE IMAGE:TAG") from None
+    return tuple(str(Path(item).resolve()) for item in value)

@@ -1,0 +1,35 @@
+"""``deploy_backchat``: the whole deploy as one reusable pyinfra ``@deploy``.
+
+    from backchat import deploy_backchat
+    deploy_backchat()
+
+Its defaults (backchat.settings) are the lowest data layer, so a project's group data,
+host data and ``--data`` override them. Every host's settings are checked once per run,
+before the first operation is queued for any host.
+"""
+
+from __future__ import annotations
+
+from pyinfra import host, state
+from pyinfra.api import deploy
+
+from backchat import backstage, docker, model, preflight, report, stack, verify
+from backchat.run_settings import settings_for
+from backchat.settings import DEFAULTS
+
+
+@deploy("Backchat", data_defaults=DEFAULTS)
+def deploy_backchat():
+    cfg = settings_for(state, host)  # the first call checks every host of the run
+    report.install(state, cfg.report_path)
+
+    os_info = preflight.check(cfg)  # unsupported hosts are refused, one by one
+    if not os_info:
+        return
+    docker.install(cfg, os_info)  # 1. Docker Engine + compose v2
+    if not model.fetch(cfg):  # 2. the model: pinned, resumable, verified once
+        return
+    threads = stack.thread_count(cfg, stack.tune())  # 3. threads = physical cores
+    stack.write_and_start(cfg, threads)  # 4. compose file + model config, then up
+    backstage.configure(cfg)  # 5. app-config.local.yaml and the catalog
+    verify.backends(name="Verify /v1/models lists the model", cfg=cfg)  # 6. each backend serves it

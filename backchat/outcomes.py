@@ -1,0 +1,51 @@
+"""How a step ends for one host: refused, failed, or recorded for the report.
+
+Every step uses these, so a host that cannot be served fails alone (a fleet run carries
+on with the others) and the end-of-run report names it with the first cause.
+"""
+
+from __future__ import annotations
+
+from pyinfra import host, logger
+from pyinfra.api import FunctionCommand, operation
+
+_records: dict[str, dict] = {}
+
+
+def record(host_name: str, **fields) -> None:
+    """Add fields to a host's line of the report; the first failure is the one kept."""
+    entry = _records.setdefault(host_name, {})
+    if "failure" in fields and entry.get("failure"):
+        fields.pop("failure")  # the first cause is the one worth reading
+    entry.update(fields)
+
+
+def records() -> dict[str, dict]:
+    return _records
+
+
+def fail(failed_host, reason: str) -> bool:
+    """Fail a host while an operation runs, with a reason the report shows. Returns False."""
+    failed_host.log_styled(reason, fg="red", log_func=logger.error)
+    record(failed_host.name, failure=reason)
+    return False
+
+
+def refuse_host(reason: str) -> None:
+    """Say why now (the plan shows it) and fail the current host when the run executes."""
+    host.log_styled(f"Will refuse: {reason}", fg="red", log_func=logger.warning)
+    refuse(name="Refuse this host", reason=reason)
+
+
+def _refuse(state, refused_host, reason: str) -> bool:
+    return fail(refused_host, f"Refused: {reason}")
+
+
+@operation(is_idempotent=False)
+def refuse(reason: str):
+    """
+    Fail this host (and only this host) with ``reason``.
+
+    + reason: what is wrong and how to fix it
+    """
+    yield FunctionCommand(_refuse, (reason,), {})

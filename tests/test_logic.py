@@ -6,7 +6,6 @@ from types import SimpleNamespace
 import pytest
 
 from backchat import images, outcomes, preflight, report, settings, stack
-from backchat.model_source import is_verified
 
 
 @pytest.fixture
@@ -48,15 +47,6 @@ def test_start_needs_systemd(cfg):
     assert "not systemd" in preflight.problems(cfg, os_info(), 16000, init="bash")[0]
     no_start = settings.validate(settings.load_defaults() | {"start": False})
     assert preflight.problems(no_start, os_info(), 16000, init="bash") == []
-
-
-def test_marker_is_trusted_only_when_size_and_mtime_match():
-    marker = {"sha256": "a" * 64, "size": 100, "mtime": 7}
-    assert is_verified({"size": 100, "mtime": 7, "marker": marker}, "a" * 64, 100)
-    assert not is_verified({"size": 100, "mtime": 8, "marker": marker}, "a" * 64, 100)  # touched since
-    assert not is_verified({"size": 99, "mtime": 7, "marker": marker}, "a" * 64, 100)  # truncated
-    assert not is_verified({"size": 100, "mtime": 7, "marker": marker}, "b" * 64, 100)  # another file wanted
-    assert not is_verified({"size": 100, "mtime": 7, "marker": None}, "a" * 64, 100)
 
 
 def test_stack_out_of_date():

@@ -1,15 +1,9 @@
 """Every setting is declared once and validated in one place, before anything runs."""
 
-import re
-from pathlib import Path
-
 import pytest
 
 from backchat import settings
 from backchat.settings import SettingsError, validate
-
-ROOT = Path(__file__).resolve().parent.parent
-
 
 @pytest.fixture
 def defaults():
@@ -24,22 +18,6 @@ def test_declared_defaults_are_valid(defaults):
     assert len(cfg.model_revision) == 40 and len(cfg.model_sha256) == 64
     assert cfg.localai_image == "localai/localai:v4.9.0"
     assert validate({}) == cfg, "a missing setting takes its declared default"
-
-
-def test_readme_table_is_the_declarations():
-    """The README's settings table is generated from SETTINGS (python -m backchat.settings)."""
-    readme = (ROOT / "README.md").read_text()
-    assert settings.markdown_table() in readme, "regenerate it: python -m backchat.settings"
-
-
-def test_manual_names_every_setting_at_its_default():
-    """group_data/all.py is the commented manual: each setting once, at its declared default."""
-    text = (ROOT / "group_data" / "all.py").read_text()
-    found = dict(re.findall(r"^# ([a-z_0-9]+) = (.*)$", text, flags=re.M))
-    assert set(found) == set(settings.BY_NAME)
-    for name, shown in found.items():
-        assert shown == repr(settings.DEFAULTS[name]), name
-    assert not re.search(r"^[a-z_]+ *=", text, flags=re.M), "all.py overrides nothing: defaults live in settings.py"
 
 
 @pytest.mark.parametrize(

@@ -67,6 +67,9 @@ def pattern(regex: re.Pattern, what: str, example: str) -> Callable[[Any], str]:
 
 def optional(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
     def checked(value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() in ("none", "null"):
+            # --data x=None arrives as the text "None": pyinfra parses values as JSON.
+            raise Invalid("is the text None, not the value", "write null on the command line (None in Python files)")
         return None if value is None else check(value)
 
     return checked

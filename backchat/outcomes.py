@@ -10,6 +10,7 @@ from pyinfra import host, logger
 from pyinfra.api import FunctionCommand, operation
 
 _records: dict[str, dict] = {}
+_planned_refusals: dict[str, str] = {}
 
 
 def record(host_name: str, **fields) -> None:
@@ -24,6 +25,11 @@ def records() -> dict[str, dict]:
     return _records
 
 
+def planned_refusals() -> dict[str, str]:
+    """Host name -> why it will be refused, known while planning (before anything runs)."""
+    return _planned_refusals
+
+
 def fail(failed_host, reason: str) -> bool:
     """Fail a host while an operation runs, with a reason the report shows. Returns False."""
     failed_host.log_styled(reason, fg="red", log_func=logger.error)
@@ -34,6 +40,7 @@ def fail(failed_host, reason: str) -> bool:
 def refuse_host(reason: str) -> None:
     """Say why now (the plan shows it) and fail the current host when the run executes."""
     host.log_styled(f"Will refuse: {reason}", fg="red", log_func=logger.warning)
+    _planned_refusals.setdefault(host.name, reason)
     refuse(name="Refuse this host", reason=reason)
 
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import atexit
 import json
+import os
 import sys
 from pathlib import Path
 
 from pyinfra.api.state import BaseStateCallback, StateStage
 
-from backchat.outcomes import record, records
+from backchat.outcomes import planned_refusals, record, records
 
 _installed: dict[str, str | None] = {}
 
@@ -77,7 +78,16 @@ def format_table(entries: list[dict]) -> str:
 
 def _print_at_exit(state) -> None:
     if getattr(state, "current_stage", StateStage.Setup) < StateStage.Execute:
-        return  # --dry, or stopped before anything ran (bad settings): nothing to report
+        # --dry, or stopped at the question: nothing ran. A plan that refuses a host is
+        # still a failure a script must see.
+        refused = planned_refusals()
+        if refused:
+            lines = [f"  {name}: {reason}" for name, reason in refused.items()]
+            print(f"\n--> Backchat: {len(refused)} host(s) would be refused:\n" + "\n".join(lines), file=sys.stderr)
+            sys.stderr.flush()
+            sys.stdout.flush()
+            os._exit(1)  # atexit cannot change the exit status otherwise
+        return
     entries = rows(state)
     print("\n--> Backchat report:\n" + format_table(entries), file=sys.stderr)
     path = _installed.get("path")

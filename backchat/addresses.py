@@ -47,9 +47,9 @@ def public_address(cfg) -> str:
     return host.get_fact(Hostname)
 
 
-def connect_address() -> str:
-    """Where the controller reaches this host: its SSH address, or loopback for @local."""
-    address = host.data.get("ssh_hostname") or host.name
+def connect_address(reached) -> str:
+    """Where the controller reaches a host: its SSH address, or loopback for @local."""
+    address = reached.data.get("ssh_hostname") or reached.name
     return "127.0.0.1" if address.startswith("@") else address
 
 

@@ -17,6 +17,8 @@ What this touches, and why it is safe to rely on (pyinfra 3.x):
   command exactly as pyinfra does for ``_sudo``, ``_su_user``, ``_env``, ``_chdir``, ...
 * ``@local`` runs the same wrapped command in a local shell. Other connectors (``@docker``,
   ``@chroot``) are not supported and say so.
+* ``host.current_op_global_arguments`` also gives commands an operation runs itself while
+  executing (verify's probe through the host) the operation's ``_sudo`` and friends.
 
 If pyinfra changes these, ``tests/test_model_delivery.py`` and the secret-file tests fail.
 """
@@ -28,6 +30,7 @@ import subprocess
 from typing import Callable, Iterable
 
 from pyinfra.api import StringCommand
+from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS
 from pyinfra.connectors.util import make_unix_command, make_unix_command_for_host
 
 # Feed: given the command's first line of output, the bytes to send to its stdin.
@@ -44,6 +47,15 @@ def _wrapped(state, host, command: StringCommand) -> str:
     return make_unix_command_for_host(
         state, host, command, **{key: value for key, value in arguments.items() if key in allowed}
     ).get_raw_value()
+
+
+def run_as_operation(host, command: StringCommand, **kwargs):
+    """``host.run_shell_command`` with the current operation's connector arguments
+    (``_sudo``, ``_su_user``, ...), which pyinfra applies to yielded commands but not to
+    commands an operation runs itself while executing."""
+    current = host.current_op_global_arguments or {}
+    arguments = {key: value for key, value in current.items() if key in CONNECTOR_ARGUMENT_KEYS}
+    return host.run_shell_command(command, **{**arguments, **kwargs})
 
 
 def run_with_stdin(state, host, command: StringCommand, feed: Feed, reads_first_line: bool = False) -> tuple[str, int]:

@@ -7,6 +7,7 @@ the check passes and fails only its own host when it does not.
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -17,8 +18,7 @@ from pyinfra.context import state as current_state
 
 from backchat import outcomes
 from backchat.addresses import api_urls, connect_address, gui_url, public_address
-from backchat.http import httpx
-from backchat.secrets import Secret
+from backchat.probes import Answer, ControllerProbe, HostProbe, Unreachable
 
 QUESTION = "Who was the president of the United States in 1997?"
 
@@ -33,29 +33,25 @@ class Result:
     detail: str = ""
 
 
-def _auth(api_key: Secret | None) -> dict[str, str]:
-    return {"Authorization": f"Bearer {api_key.reveal()}"} if api_key else {}
-
-
-def _diagnose(response: httpx.Response | None, error: Exception | None, model_id: str) -> tuple[bool, str, list[str]]:
+def _diagnose(answer: Answer | None, error: Unreachable | None, model_id: str) -> tuple[bool, str, list[str]]:
     """(model listed?, likely cause, ids seen) for one attempt."""
     if error is not None:
-        if isinstance(error, httpx.ConnectError):
+        if error.kind == "refused":
             return False, "connection refused: the service is not up (or not on this port)", []
-        if isinstance(error, httpx.TimeoutException):
+        if error.kind == "timeout":
             return False, "no answer in time: the service is busy or still starting", []
-        return False, f"request failed: {error.__class__.__name__}: {error}", []
-    assert response is not None
-    if response.status_code == 404:
+        return False, f"request failed: {error}", []
+    assert answer is not None
+    if answer.status == 404:
         return False, "404 Not Found: wrong port or path (is this an OpenAI-compatible API?)", []
-    if response.status_code in (401, 403):
-        return False, f"{response.status_code}: the API key was refused or is missing", []
-    if response.status_code == 503:
+    if answer.status in (401, 403):
+        return False, f"{answer.status}: the API key was refused or is missing", []
+    if answer.status == 503:
         return False, "503: the server is still loading", []
-    if response.status_code != 200:
-        return False, f"HTTP {response.status_code}", []
+    if answer.status != 200:
+        return False, f"HTTP {answer.status}", []
     try:
-        ids = [item.get("id") for item in response.json().get("data", [])]
+        ids = [item.get("id") for item in answer.json().get("data", [])]
     except (ValueError, AttributeError):
         return False, "the answer is not an OpenAI model list", []
     if model_id in ids:
@@ -69,7 +65,7 @@ def wait_for_model(
     service: str,
     base_url: str,
     model_id: str,
-    api_key: Secret | None,
+    probe,
     timeout: float,
     on_wait: Callable[[str], None] | None = None,
     every: float = 30.0,
@@ -82,78 +78,77 @@ def wait_for_model(
     start = time.monotonic()
     next_note = start + every
     delay = 1.0
-    detail = ""
-    ids: list[str] = []
-    with httpx.Client(timeout=10.0, headers=_auth(api_key)) as client:
-        while True:
-            response = error = None
-            try:
-                response = client.get(f"{base_url}/v1/models")
-            except httpx.HTTPError as exc:
-                error = exc
-            ok, detail, ids = _diagnose(response, error, model_id)
-            elapsed = time.monotonic() - start
-            if ok:
-                return Result(service, base_url, True, round(elapsed, 1), ids)
-            if elapsed + delay > timeout:
-                return Result(service, base_url, False, round(elapsed, 1), ids, f"{detail} (gave up after {elapsed:.0f}s)")
-            if on_wait and time.monotonic() >= next_note:
-                on_wait(f"still waiting for {service} ({elapsed:.0f}s of {timeout:.0f}s): {detail}")
-                next_note += every
-            time.sleep(delay)
-            delay = min(delay * 2, 15.0)
+    while True:
+        answer = error = None
+        try:
+            answer = probe.request("GET", f"{base_url}/v1/models")
+        except Unreachable as exc:
+            error = exc
+        ok, detail, ids = _diagnose(answer, error, model_id)
+        elapsed = time.monotonic() - start
+        if ok:
+            return Result(service, base_url, True, round(elapsed, 1), ids)
+        if elapsed + delay > timeout:
+            return Result(service, base_url, False, round(elapsed, 1), ids, f"{detail} (gave up after {elapsed:.0f}s)")
+        if on_wait and time.monotonic() >= next_note:
+            on_wait(f"still waiting for {service} ({elapsed:.0f}s of {timeout:.0f}s): {detail}")
+            next_note += every
+        time.sleep(delay)
+        delay = min(delay * 2, 15.0)
 
 
-def key_is_enforced(base_url: str) -> str | None:
+def key_is_enforced(base_url: str, probe) -> str | None:
     """With an API key set, a request without it must be refused. None if it is."""
+    body = {"model": "x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
     try:
-        response = httpx.post(
-            f"{base_url}/v1/chat/completions",
-            json={"model": "x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1},
-            timeout=30.0,
-        )
-    except httpx.HTTPError as error:
-        return f"could not check the API key: {error.__class__.__name__}"
-    if response.status_code in (401, 403):
+        answer = probe.request("POST", f"{base_url}/v1/chat/completions", with_key=False, body=body, timeout=30.0)
+    except Unreachable as error:
+        return f"could not check the API key: {error}"
+    if answer.status in (401, 403):
         return None
-    return f"a request without the API key got HTTP {response.status_code}: the key is not enforced"
+    return f"a request without the API key got HTTP {answer.status}: the key is not enforced"
 
 
-def ask(base_url: str, model_id: str, api_key: Secret | None, timeout: float) -> tuple[str, float]:
+def ask(base_url: str, model_id: str, probe, timeout: float) -> tuple[str, float]:
     """One chat completion: (first line of the answer, seconds it took)."""
     start = time.monotonic()
-    response = httpx.post(
-        f"{base_url}/v1/chat/completions",
-        headers=_auth(api_key),
-        json={"model": model_id, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 64},
-        timeout=timeout,
-    )
-    response.raise_for_status()
-    content = response.json()["choices"][0]["message"]["content"]
+    body = {"model": model_id, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 64}
+    answer = probe.request("POST", f"{base_url}/v1/chat/completions", body=body, timeout=timeout)
+    if answer.status != 200:
+        raise ValueError(f"HTTP {answer.status}")
+    content = answer.json()["choices"][0]["message"]["content"]
     if not isinstance(content, str):
         raise ValueError("the completion has no text content")
     first_line = content.strip().splitlines()[0] if content.strip() else "(empty answer)"
     return first_line, round(time.monotonic() - start, 1)
 
 
-def check_all(cfg, address: str, on_wait: Callable[[str], None] | None = None) -> list[Result]:
+def check_all(cfg, address: str, probe, on_wait: Callable[[str], None] | None = None) -> list[Result]:
     results = []
     for service, url in api_urls(cfg, address).items():
-        result = wait_for_model(service, url, cfg.model_id, cfg.api_key, cfg.verify_timeout, on_wait)
+        result = wait_for_model(service, url, cfg.model_id, probe, cfg.verify_timeout, on_wait)
         if result.ok and cfg.api_key:
-            problem = key_is_enforced(url)
+            problem = key_is_enforced(url, probe)
             if problem:
                 result.ok, result.detail = False, problem
         if result.ok and cfg.verify_chat:
             if on_wait:
                 on_wait(f"asking {service}: {QUESTION!r} (a 7B model on CPU takes a while)")
             try:
-                answer, seconds = ask(url, cfg.model_id, cfg.api_key, cfg.chat_timeout)
+                answer, seconds = ask(url, cfg.model_id, probe, cfg.chat_timeout)
                 result.detail = f"answered in {seconds}s: {answer}"
-            except (httpx.HTTPError, ValueError, KeyError, IndexError) as error:
+            except (Unreachable, ValueError, KeyError, IndexError, TypeError) as error:
                 result.ok, result.detail = False, f"chat failed: {error.__class__.__name__}: {error}"
         results.append(result)
     return results
+
+
+def probe_for(cfg, checked_host):
+    """From the controller, unless the services listen on loopback of a remote host."""
+    remote = not checked_host.name.startswith("@") or checked_host.data.get("ssh_hostname")
+    if remote and ipaddress.ip_address(cfg.bind_address).is_loopback:
+        return HostProbe(checked_host, f"{cfg.stack_dir}/.env"), "127.0.0.1"
+    return ControllerProbe(cfg.api_key), connect_address(checked_host)
 
 
 def _report_results(state, host, cfg, results: list[Result]) -> bool:
@@ -168,7 +163,7 @@ def _report_results(state, host, cfg, results: list[Result]) -> bool:
 @operation(is_idempotent=False)
 def backends(cfg):
     """
-    Check, from the controller, that every running backend lists ``model_id``.
+    Check that every running backend lists ``model_id`` (from the controller, or through the host).
 
     + cfg: the host's settings (ports, model id, API key, timeouts)
     """
@@ -187,12 +182,14 @@ def backends(cfg):
         )
         host.noop("verify skipped: " + ("start = False" if not cfg.start else "verify_timeout = 0"))
         return
+    probe, address = probe_for(cfg, host)
     if not current_state.is_executing:
-        host.noop(f"will check /v1/models on {', '.join(api_urls(cfg, connect_address()).values())}")
+        where = " (from the host: the services listen on its loopback)" if isinstance(probe, HostProbe) else ""
+        host.noop(f"will check /v1/models on {', '.join(api_urls(cfg, address).values())}{where}")
         return
 
     started = time.monotonic()
-    results = check_all(cfg, connect_address(), on_wait=host.log)
+    results = check_all(cfg, address, probe, on_wait=host.log)
     ok = all(result.ok for result in results)
     outcomes.record(
         host.name,

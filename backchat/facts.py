@@ -228,6 +228,9 @@ class ModelFile(FactBase):
 
 # --- the compose stack -----------------------------------------------------------
 
+# The compose project every backchat container belongs to.
+COMPOSE_PROJECT = "backchat"
+
 
 class ComposeStack(FactBase):
     """
@@ -274,3 +277,49 @@ class DockerImageTags(FactBase):
 
     def process(self, output):
         return sorted({line.strip() for line in output if line.strip()})
+
+
+# --- ports and users ---------------------------------------------------------------
+
+
+class ListeningPorts(FactBase):
+    """
+    Returns the TCP ports something listens on, with the process when the host can tell:
+    ``{8080: "docker-proxy", 22: "sshd", 3001: ""}``. Read with ``ss`` (iproute2), or from
+    ``/proc/net/tcp*`` on hosts without it (no process names there).
+    """
+
+    default = dict
+
+    def command(self) -> str:
+        return (
+            "if command -v ss >/dev/null 2>&1; then ss -Htlnp 2>/dev/null | sed 's/^/ss /'; "
+            "else cat /proc/net/tcp /proc/net/tcp6 2>/dev/null | sed 's/^/proc /'; fi"
+        )
+
+    def process(self, output):
+        ports: dict[int, str] = {}
+        for line in output:
+            fields = line.split()
+            if fields[:1] == ["ss"] and len(fields) >= 5:
+                port = fields[4].rsplit(":", 1)[-1]
+                name = line.split('(("', 1)[1].split('"', 1)[0] if '(("' in line else ""
+                if port.isdigit():
+                    ports[int(port)] = ports.get(int(port)) or name
+            elif fields[:1] == ["proc"] and len(fields) > 4 and fields[4] == "0A":  # 0A: LISTEN
+                port = int(fields[2].rsplit(":", 1)[-1], 16)
+                ports.setdefault(port, "")
+        return ports
+
+
+class MissingUsers(FactBase):
+    """Returns which of the given user names have no account on the host."""
+
+    default = list
+
+    def command(self, names: list[str]) -> str:
+        quoted = " ".join(shlex.quote(name) for name in names)
+        return f"for name in {quoted}; do getent passwd \"$name\" >/dev/null || echo \"$name\"; done"
+
+    def process(self, output):
+        return [line.strip() for line in output if line.strip()]

@@ -6,10 +6,18 @@ other hosts and the final report names each refused host and why.
 
 from __future__ import annotations
 
+import psutil
 from pyinfra import host
 
-from backchat import outcomes
-from backchat.facts import InitSystem, MemTotalMb, OsRelease
+from backchat import addresses, outcomes
+from backchat.facts import COMPOSE_PROJECT, ComposeStack, InitSystem, ListeningPorts, MemTotalMb, MissingUsers, OsRelease
+
+# The process Docker publishes a container's port with (userland proxy).
+DOCKER_PROXY = "docker-proxy"
+PORT_SETTINGS = {
+    "localai": "localai_port", "llamacpp": "localai_port", "textgen": "textgen_api_port",
+    "textgen-gui": "textgen_port", "chatbot-ui": "chatbot_ui_port",
+}
 
 SUPPORTED = {("debian", "12"), ("debian", "13"), ("ubuntu", "22.04"), ("ubuntu", "24.04")}
 ARCHITECTURES = {"amd64", "arm64"}
@@ -46,10 +54,61 @@ def problems(cfg, os_info: dict, memory_mb: int | None, init: str = "systemd") -
     return found
 
 
+def wanted_ports(cfg) -> dict[int, str]:
+    """Host port -> the setting that chose it, for every service this host will run."""
+    services = list(cfg.services) + (["textgen-gui"] if "textgen" in cfg.services else [])
+    return {addresses.host_port(cfg, service): PORT_SETTINGS[service] for service in services}
+
+
+def port_problems(cfg, listening: dict[int, str], stack_exists: bool) -> list[str]:
+    """Ports we need that a process other than our own stack holds."""
+    found = []
+    for port, setting in sorted(wanted_ports(cfg).items()):
+        if port not in listening:
+            continue
+        process = listening[port]
+        if process == DOCKER_PROXY and stack_exists:
+            continue  # our own containers, published by Docker
+        found.append(
+            f"port {port} ({setting}) is already in use by {process or 'another process'}. "
+            f"Fix: stop it, or set {setting} to a free port"
+        )
+    return found
+
+
+def user_problems(missing: list[str]) -> list[str]:
+    if not missing:
+        return []
+    return [
+        f"docker_users names users this host does not have: {', '.join(missing)}. "
+        "Fix: create them first (backchat never creates accounts), or remove them from docker_users"
+    ]
+
+
+def _listening_locally() -> dict[int, str]:
+    """@local: the controller is the host, so psutil reads its sockets directly."""
+    ports: dict[int, str] = {}
+    for connection in psutil.net_connections(kind="tcp"):
+        if connection.status == psutil.CONN_LISTEN and connection.laddr:
+            try:
+                name = psutil.Process(connection.pid).name() if connection.pid else ""
+            except psutil.Error:
+                name = ""
+            ports[connection.laddr.port] = ports.get(connection.laddr.port) or name
+    return ports
+
+
 def check(cfg) -> dict | None:
-    """Read the host's OS and RAM; queue a refusal and return None when it cannot be served."""
+    """Read the host's OS, RAM, ports and users; queue a refusal and return None when it cannot be served."""
     os_info = host.get_fact(OsRelease)
     found = problems(cfg, os_info, host.get_fact(MemTotalMb), host.get_fact(InitSystem))
+    if cfg.start:
+        listening = _listening_locally() if host.name == "@local" else host.get_fact(ListeningPorts)
+        held_by_docker = any(listening.get(port) == DOCKER_PROXY for port in wanted_ports(cfg))
+        stack = host.get_fact(ComposeStack, project_dir=cfg.stack_dir, project=COMPOSE_PROJECT) if held_by_docker else None
+        found += port_problems(cfg, listening, bool(stack))
+    if cfg.docker_users:
+        found += user_problems(host.get_fact(MissingUsers, names=list(cfg.docker_users)))
     if found:
         outcomes.refuse_host("; ".join(found))
         return None

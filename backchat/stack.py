@@ -15,10 +15,8 @@ from pyinfra.api import QuoteString, StringCommand, operation
 from pyinfra.operations import files, server
 
 from backchat import addresses, images, resources, secrets
+from backchat.facts import COMPOSE_PROJECT as PROJECT
 from backchat.facts import ComposeStack, DockerImageTags, PhysicalCores
-
-PROJECT = "backchat"
-
 
 def thread_count(cfg, cores: dict) -> int:
     """The ``threads`` setting if given, else one per physical core the host may use."""

@@ -134,3 +134,19 @@ def test_compose_stack_parser():
         }
     }
     assert ComposeStack().process([]) is None
+
+
+def test_listening_ports_from_ss_and_from_proc():
+    from backchat.facts import ListeningPorts
+
+    ss = [
+        'ss LISTEN 0 4096 0.0.0.0:8080 0.0.0.0:* users:(("docker-proxy",pid=812,fd=7))',
+        'ss LISTEN 0 128 [::]:22 [::]:* users:(("sshd",pid=1,fd=4))',
+    ]
+    assert ListeningPorts().process(ss) == {8080: "docker-proxy", 22: "sshd"}
+    proc = [
+        "proc   sl  local_address rem_address   st tx_queue rx_queue",
+        "proc    0: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000 0 0 1",
+        "proc    1: 0100007F:0BB9 0100007F:9C40 01 00000000:00000000 00:00000000 00000000 0 0 2",
+    ]
+    assert ListeningPorts().process(proc) == {8080: ""}  # 0x1F90 listens; 0x0BB9 is a connection

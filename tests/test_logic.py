@@ -99,3 +99,23 @@ def test_image_archives_must_exist_on_the_controller(tmp_path):
     data = settings.load_defaults() | {"image_archives": [str(tmp_path / "missing.tar")]}
     with pytest.raises(settings.SettingsError, match="image_archives.*do not exist"):
         settings.validate(data)
+
+
+def test_a_port_held_by_another_process_is_named_with_its_setting(cfg):
+    found = preflight.port_problems(cfg, {8080: "nginx", 22: "sshd"}, stack_exists=False)
+    assert found == ["port 8080 (localai_port) is already in use by nginx. Fix: stop it, or set localai_port to a free port"]
+    # Our own containers hold their ports through docker-proxy: not a conflict on a re-run.
+    assert preflight.port_problems(cfg, {8080: "docker-proxy", 3001: "docker-proxy"}, stack_exists=True) == []
+    # ... but docker-proxy for someone else's containers is.
+    assert "3001 (chatbot_ui_port)" in preflight.port_problems(cfg, {3001: "docker-proxy"}, stack_exists=False)[0]
+
+
+def test_textgen_needs_both_of_its_ports():
+    textgen = settings.validate(settings.load_defaults() | {"backend": "textgen", "frontend": "textgen"})
+    assert preflight.wanted_ports(textgen) == {5001: "textgen_api_port", 7860: "textgen_port"}
+
+
+def test_docker_users_must_exist():
+    assert preflight.user_problems([]) == []
+    (problem,) = preflight.user_problems(["bob"])
+    assert "bob" in problem and "never creates accounts" in problem

@@ -246,6 +246,20 @@ def test_bad_input_stops_before_the_host_changes(fleet, hub, tmp_path, bad, word
     assert after == before
 
 
+def test_a_taken_port_and_a_missing_user_refuse_the_host_untouched(fleet, hub, tmp_path):
+    """sshd holds port 22: asking for it as localai_port is refused, naming the port, the
+    setting and the process; a docker_users typo never creates an account."""
+    host = fleet[2]
+    before = host.run("getent passwd | wc -l; ls /opt; dpkg -l | wc -l", check=False).stdout
+    inventory = write_inventory(tmp_path / "inventory.py", {host.name: host.pyinfra_data()})
+    run = run_deploy(inventory, *deploy_data(hub, start="true", localai_port=22, docker_users='["nosuchuser"]'))
+    assert run.returncode != 0, run
+    assert "port 22 (localai_port) is already in use by sshd" in run.stderr, run
+    assert "docker_users names users this host does not have: nosuchuser" in run.stderr, run
+    assert host.run("getent passwd nosuchuser", check=False).returncode != 0
+    assert host.run("getent passwd | wc -l; ls /opt; dpkg -l | wc -l", check=False).stdout == before
+
+
 def test_dry_run_shows_the_whole_plan_and_changes_nothing(sandbox_factory, hub, tmp_path):
     (host,) = sandbox_factory(["trixie"], names=["ai-dry"])
     inventory = write_inventory(tmp_path / "inventory.py", {host.name: host.pyinfra_data()})

@@ -38,6 +38,8 @@ from backchat import backstage, settings
 from tests.harness.sandbox import CACHE, flock
 from tests.variants import COMBINATIONS
 
+pytestmark = pytest.mark.npm
+
 HERE = Path(__file__).resolve().parent
 PROJECT = HERE / "backstage"
 CHROMIUM = Path(os.environ.get("BACKCHAT_CHROMIUM", "/usr/bin/chromium"))
@@ -630,6 +632,7 @@ def browser_setup(request, chromium, npm_root, llama, tmp_path_factory):
 
 
 @pytest.mark.realhost
+@pytest.mark.browser
 def test_browser_loads_the_gui_and_calls_the_api_under_our_csp(browser_setup, npm_root, llama):
     setup = browser_setup
     host = setup["address"]
@@ -643,6 +646,7 @@ def test_browser_loads_the_gui_and_calls_the_api_under_our_csp(browser_setup, np
 
 
 @pytest.mark.realhost
+@pytest.mark.browser
 def test_browser_blocks_both_with_self_only(browser_setup, npm_root):
     setup = browser_setup
     csp = {**setup["csp"], "frame-src": ["'self'"], "connect-src": ["'self'"]}
@@ -656,6 +660,7 @@ def test_browser_blocks_both_with_self_only(browser_setup, npm_root):
 
 
 @pytest.mark.realhost
+@pytest.mark.browser
 def test_browser_upgrade_insecure_requests_loses_the_http_iframe(browser_setup, npm_root):
     """Helmet's default upgrade-insecure-requests turns the iframe's http:// into https://,
     which the plain-http GUI does not serve: hence ``upgrade-insecure-requests: false``."""

@@ -303,3 +303,39 @@ def test_secrets_are_stored_0600_and_never_printed(fleet, hub, model_bytes, tmp_
     # Every host failed, so pyinfra stops early ("No hosts remaining"); the report still comes.
     report = refused.stderr.split("--> Backchat report:")[-1]
     assert "FAILED" in report and "HF_TOKEN" in report, refused
+
+
+def test_no_secret_in_any_output_of_any_pyinfra_command(fleet, hub, model_bytes, tmp_path):
+    """Canary secrets through every command and flag a user may try: the run, a re-run with
+    another key under --dry --diff (the .env exists and would change), -vv, --debug,
+    debug-inventory, the report and its JSON. None may show either secret."""
+    host = fleet[2]
+    token, key, new_key = "hf_CANARYtoken0123456789", "CANARY-api-key-0123456789", "CANARY-new-key-9876543210"
+    hub.add_file("test/canary-GGUF", MODEL, model_bytes, gated=True, token=token)
+    inventory = write_inventory(tmp_path / "inventory.py", {host.name: host.pyinfra_data()})
+    report_json = tmp_path / "report.json"
+    data = deploy_data(hub, model_repo="test/canary-GGUF", models_dir="/opt/canary", report_path=str(report_json))
+    env = {**os.environ, "HF_TOKEN": token, "BACKCHAT_API_KEY": key}
+    first = run_deploy(inventory, *data, env=env)
+    assert first.returncode == 0, first
+    outputs = {"run": first.stdout + first.stderr, "report.json": report_json.read_text()}
+
+    def pyinfra(*args, key_now=key):
+        done = subprocess.run(
+            [sys.executable, "-m", "pyinfra", *args, str(inventory), *(["deploy.py"] if "debug-inventory" not in args else ["debug-inventory"]),
+             *[arg for item in data for arg in ("--data", item)]],
+            cwd=PROJECT, capture_output=True, text=True, timeout=600,
+            env={**env, "BACKCHAT_API_KEY": key_now},
+        )
+        return done.stdout + done.stderr
+
+    outputs["--dry --diff, another key"] = pyinfra("--dry", "--diff", key_now=new_key)
+    assert ".env (it holds a secret: no diff is shown)" in outputs["--dry --diff, another key"]
+    outputs["-y -vv"] = pyinfra("-y", "-vv")
+    outputs["-y --debug"] = pyinfra("-y", "--debug")
+    outputs["debug-inventory"] = pyinfra("--debug", "debug-inventory")
+    assert "ssh_hostname" in outputs["debug-inventory"], "debug-inventory printed no host data at all"
+    for name, text in outputs.items():
+        for secret in (token, key, new_key):
+            assert secret not in text, f"{secret[:6]}... printed by {name}"
+    assert host.run("stat -c %a /opt/backchat/.env /opt/backchat/.hf-token-header").stdout.split() == ["600", "600"]

@@ -49,6 +49,13 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # npm and Chromium are not Python: `-m "not realhost"` leaves those tests out too.
+    for item in items:
+        if item.get_closest_marker("npm") or item.get_closest_marker("browser"):
+            item.add_marker(pytest.mark.realhost)
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     if item.get_closest_marker("realhost") is not None:
         require_realhosts()

@@ -320,9 +320,9 @@ def test_no_secret_in_any_output_of_any_pyinfra_command(fleet, hub, model_bytes,
     assert first.returncode == 0, first
     outputs = {"run": first.stdout + first.stderr, "report.json": report_json.read_text()}
 
-    def pyinfra(*args, key_now=key):
+    def pyinfra(*flags, command="deploy.py", key_now=key):
         done = subprocess.run(
-            [sys.executable, "-m", "pyinfra", *args, str(inventory), *(["deploy.py"] if "debug-inventory" not in args else ["debug-inventory"]),
+            [sys.executable, "-m", "pyinfra", *flags, str(inventory), command,
              *[arg for item in data for arg in ("--data", item)]],
             cwd=PROJECT, capture_output=True, text=True, timeout=600,
             env={**env, "BACKCHAT_API_KEY": key_now},
@@ -333,7 +333,7 @@ def test_no_secret_in_any_output_of_any_pyinfra_command(fleet, hub, model_bytes,
     assert ".env (it holds a secret: no diff is shown)" in outputs["--dry --diff, another key"]
     outputs["-y -vv"] = pyinfra("-y", "-vv")
     outputs["-y --debug"] = pyinfra("-y", "--debug")
-    outputs["debug-inventory"] = pyinfra("--debug", "debug-inventory")
+    outputs["debug-inventory"] = pyinfra("--debug", command="debug-inventory")
     assert "ssh_hostname" in outputs["debug-inventory"], "debug-inventory printed no host data at all"
     for name, text in outputs.items():
         for secret in (token, key, new_key):

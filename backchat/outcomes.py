@@ -44,8 +44,8 @@ def refuse_host(reason: str) -> None:
     refuse(name="Refuse this host", reason=reason)
 
 
-def _refuse(state, refused_host, reason: str) -> bool:
-    return fail(refused_host, f"Refused: {reason}")
+def _refuse(state, host, reason: str) -> bool:  # pyinfra passes state and host by these names
+    return fail(host, f"Refused: {reason}")
 
 
 @operation(is_idempotent=False)

@@ -122,12 +122,14 @@ def secret_file(dest: str, lines: tuple, mode: str = "0600"):
     + lines: the file's lines; ``Secret`` items are revealed only when writing
     + mode: the file's mode
     """
-    content = reveal(lines).encode()
-    if host.get_fact(Sha256File, path=dest) == hashlib.sha256(content).hexdigest():
+    digest = hashlib.sha256(reveal(lines).encode()).hexdigest()
+    if host.get_fact(Sha256File, path=dest) == digest:
         host.noop(f"{dest} is up to date")
         return
     host.log(f"Will write {dest} (it holds a secret: no diff is shown)")
-    yield FunctionCommand(_write_secret, (dest, content, mode), {})
+    # The lines travel with their Secret items still wrapped: pyinfra may print the
+    # command's arguments (-vv, --debug), which then show <secret>.
+    yield FunctionCommand(_write_secret, (dest, tuple(lines), mode), {})
 
 
 # The bytes go through stdin into a file created 0600 beside dest, then mv replaces dest:
@@ -135,10 +137,10 @@ def secret_file(dest: str, lines: tuple, mode: str = "0600"):
 _WRITE = 'umask 077 && rm -f "$1.new" && cat >"$1.new" && chmod "$2" "$1.new" && mv -f "$1.new" "$1"'
 
 
-def _write_secret(state, host, dest: str, content: bytes, mode: str) -> bool:
+def _write_secret(state, host, dest: str, lines: tuple, mode: str) -> bool:
     command = StringCommand("sh", "-c", QuoteString(_WRITE), "write", QuoteString(dest), mode)
     try:
-        transport.run_with_stdin(state, host, command, lambda _line: [content])
+        transport.run_with_stdin(state, host, command, lambda _line: [reveal(lines).encode()])
     except transport.TransportError as error:
         outcomes.fail(host, f"could not write {dest}: {error}")
         return False

@@ -129,7 +129,11 @@ class PhysicalCores(FactBase):
 
 
 class MemTotalMb(FactBase):
-    """Returns the host's total memory in MB (MemTotal of /proc/meminfo)."""
+    """Returns the host's total memory in MB (MemTotal of /proc/meminfo).
+
+    Not pyinfra's ``hardware.Memory``: it runs ``vmstat`` (procps), which minimal Debian
+    and Ubuntu images do not have; /proc/meminfo is always there.
+    """
 
     def command(self) -> str:
         return "sed -n 's/^MemTotal:[[:space:]]*\\([0-9]*\\) kB/\\1/p' /proc/meminfo"
@@ -170,7 +174,12 @@ class InitSystem(FactBase):
 
 
 class OsRelease(FactBase):
-    """Returns ID, VERSION_ID and VERSION_CODENAME from /etc/os-release, plus the dpkg architecture."""
+    """Returns ID, VERSION_ID and VERSION_CODENAME from /etc/os-release, plus the dpkg architecture.
+
+    Not pyinfra's ``server.LinuxDistribution`` + ``deb.DebArch``: two commands where one
+    does, and LinuxDistribution parses the release files in a temporary directory on the
+    controller for every host; preflight needs four values.
+    """
 
     def command(self) -> str:
         return "cat /etc/os-release 2>/dev/null; echo ARCH=$(dpkg --print-architecture 2>/dev/null || uname -m)"

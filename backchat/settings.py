@@ -70,7 +70,8 @@ SETTINGS: tuple[Setting, ...] = (
     _S("min_memory_mb", 7500, checks.integer(0, 10**7, example=8192), "hosts with less RAM are refused"),
     # Tuning
     _S("threads", None, checks.optional(checks.integer(1, 1024, example=4)), "`None`: physical cores; a number overrides"),
-    _S("context_size", 4096, checks.integer(256, 1 << 20, example=4096), "tokens"),
+    _S("context_size", 8192, checks.integer(256, 1 << 20, example=8192),
+       "tokens; Chatbot UI sends up to ~4,300 of history plus 1,000 to answer"),
     # Where things go
     _S("stack_dir", "/opt/backchat", checks.own_directory, "compose file, `.env`, LocalAI's model config"),
     _S("models_dir", "/opt/backchat/models", checks.own_directory, "one copy of the model, shared by every backend"),

@@ -53,7 +53,10 @@
 # None: one thread per physical core the host may use (read from /sys topology and the
 # cgroup CPU quota), which is what llama.cpp runs best with. A number overrides it.
 # threads = None
-# context_size = 4096
+# Tokens of context. Chatbot UI keeps up to 3,000 (cl100k) tokens of history, about 3,300
+# to 4,000 of Mistral's, and asks for 1,000 more to answer: 4096 overflows on long chats
+# (measured with llama-server, tests/test_real_model.py). 8192 costs ~1 GB of KV cache.
+# context_size = 8192
 
 # --- Where things go on the host (directories of backchat's own: system and shared
 # directories such as /, /etc, /tmp, /opt or a home directory are refused) ---------

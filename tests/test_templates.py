@@ -208,7 +208,7 @@ def test_localai_service(rendered):
     assert env["LOCALAI_BACKENDS_PATH"] == "/backends"
     assert env["LOCALAI_MODELS_PATH"] == "/models"
     assert env["LOCALAI_THREADS"] == "6"
-    assert env["LOCALAI_CONTEXT_SIZE"] == "4096"
+    assert env["LOCALAI_CONTEXT_SIZE"] == "8192"
     assert env["LOCALAI_CORS"] == "true"
     assert env["LOCALAI_CORS_ALLOW_ORIGINS"] == cfg.backstage_origin == "http://localhost:3000"
     assert env["LOCALAI_CORS_ALLOW_ORIGINS"]
@@ -286,7 +286,7 @@ def test_textgen_service(rendered):
         "--loader": "llama.cpp",
         "--threads": "6",
         "--threads-batch": "6",
-        "--ctx-size": "4096",
+        "--ctx-size": "8192",
         "--gpu-layers": "0",
     }
     for flag in ("--listen", "--api"):
@@ -333,7 +333,7 @@ def test_llamacpp_service(rendered):
     assert value("--port") == "8080"
     assert value("--host") == "0.0.0.0"
     assert value("--threads") == "6"
-    assert value("--ctx-size") == "4096"
+    assert value("--ctx-size") == "8192"
     assert f"{cfg.models_dir}:/models:ro" in svc["volumes"]
     if cfg.api_key:
         assert KEY_REF.fullmatch(svc["environment"]["LLAMA_API_KEY"])
@@ -430,7 +430,7 @@ def test_localai_model_yaml(rendered):
     assert model["name"] == MODEL_ID
     assert model["backend"] == "llama-cpp"
     assert model["parameters"]["model"] == cfg.model_file == MODEL_FILE
-    assert model["context_size"] == 4096
+    assert model["context_size"] == 8192
     assert model["threads"] == 6
     assert "<|im_end|>" in model["stopwords"]
     template = model["template"]

@@ -68,18 +68,24 @@ def our_config(cfg, address: str, base: dict | None = None) -> dict:
     if gui.startswith("http://"):
         # Helmet's default upgrade-insecure-requests would turn the iframe's http into https.
         csp["upgrade-insecure-requests"] = False
+    location = {
+        "type": "file",
+        "target": f"{cfg.backstage_app_dir}/{CATALOG_FILE}",
+        "rules": [{"allow": CATALOG_KINDS}],
+    }
+    # Arrays replace on merge, catalog.locations too: ours would drop the app's own
+    # entities, so the app's locations are carried over, as the CSP lists are.
+    base_catalog = base.get("catalog") if isinstance(base, dict) else None
+    base_locations = base_catalog.get("locations") if isinstance(base_catalog, dict) else None
+    theirs = [
+        copy.deepcopy(entry)
+        for entry in (base_locations if isinstance(base_locations, list) else [])
+        if isinstance(entry, dict) and entry.get("target") != location["target"]
+    ]
     return {
         "ai_server": {"url": gui},
         "backend": {"csp": csp},
-        "catalog": {
-            "locations": [
-                {
-                    "type": "file",
-                    "target": f"{cfg.backstage_app_dir}/{CATALOG_FILE}",
-                    "rules": [{"allow": CATALOG_KINDS}],
-                }
-            ],
-        },
+        "catalog": {"locations": [*theirs, location]},
     }
 
 

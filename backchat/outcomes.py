@@ -45,7 +45,9 @@ def refuse_host(reason: str) -> None:
 
 
 def _refuse(state, host, reason: str) -> bool:  # pyinfra passes state and host by these names
-    return fail(host, f"Refused: {reason}")
+    host.log_styled(f"Refused: {reason}", fg="red", log_func=logger.error)
+    record(host.name, failure=reason)
+    return False
 
 
 @operation(is_idempotent=False)

@@ -407,3 +407,19 @@ def test_render_catalog_entity_names_are_valid():
         for entity in yaml.safe_load_all(backstage.render_catalog(cfg, ADDRESS)):
             name = entity["metadata"]["name"]
             assert pattern.match(name) and len(name) <= 63, name
+
+
+def test_the_apps_own_catalog_locations_are_carried_over():
+    """Backstage replaces arrays on merge: without theirs in ours, the app's entities vanish
+    (seen with a real backend, tests/test_backstage_backend.py)."""
+    base = {"catalog": {"locations": [
+        {"type": "file", "target": "../../examples/entities.yaml"},
+        {"type": "url", "target": "https://example.test/org.yaml", "rules": [{"allow": ["Group"]}]},
+    ]}}
+    cfg = make_cfg(backstage_app_dir="/srv/backstage")
+    locations = backstage.our_config(cfg, ADDRESS, base)["catalog"]["locations"]
+    assert locations[:2] == base["catalog"]["locations"]
+    assert locations[2]["target"] == "/srv/backstage/backchat-catalog.yaml" and len(locations) == 3
+    # Our own location listed in their file is not doubled.
+    base["catalog"]["locations"].append({"type": "file", "target": "/srv/backstage/backchat-catalog.yaml"})
+    assert len(backstage.our_config(cfg, ADDRESS, base)["catalog"]["locations"]) == 3

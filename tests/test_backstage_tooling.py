@@ -35,6 +35,7 @@ import pytest
 import yaml
 
 from backchat import backstage, settings
+from tests.cfg import make_cfg
 from tests.harness.sandbox import CACHE, flock
 from tests.variants import COMBINATIONS
 
@@ -203,12 +204,6 @@ def config_check(project: Path, *files: Path) -> subprocess.CompletedProcess:
 # --- what backchat writes ------------------------------------------------------------------
 
 
-def make_cfg(**overrides) -> settings.Settings:
-    data = settings.load_defaults()
-    data.update(overrides)
-    return settings.validate(data)
-
-
 class App:
     """A Backstage app directory: the app's app-config.yaml and what backchat writes beside it."""
 
@@ -234,9 +229,20 @@ class App:
         return backstage_merge(yaml.safe_load(self.base.read_text()), self.local_config())
 
 
+# backstage_app_dir must be a directory of its own: /tmp (where tmp_path lives) is refused.
+APPS = CACHE / "run" / "backstage-tooling-apps"
+
+
+def app_dir(tmp_path: Path) -> Path:
+    path = APPS / f"{os.getpid()}-{tmp_path.name}"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def app_for(tmp_path: Path, backend: str = "localai", frontend: str = "chatbot-ui", **overrides) -> App:
-    cfg = make_cfg(backend=backend, frontend=frontend, backstage_app_dir=str(tmp_path), **overrides)
-    return App(tmp_path, cfg)
+    root = app_dir(tmp_path)
+    cfg = make_cfg(backend=backend, frontend=frontend, backstage_app_dir=str(root), **overrides)
+    return App(root, cfg)
 
 
 def backstage_merge(low: dict, high: dict) -> dict:
@@ -286,8 +292,8 @@ def test_config_check_strict_accepts_our_file(npm_root, tmp_path, combo):
 
 
 def test_config_check_strict_accepts_our_file_merged_into_theirs(npm_root, tmp_path):
-    cfg = make_cfg(backstage_app_dir=str(tmp_path))
-    app = App(tmp_path, cfg, existing=EXISTING_LOCAL)
+    root = app_dir(tmp_path)
+    app = App(root, make_cfg(backstage_app_dir=str(root)), existing=EXISTING_LOCAL)
     local = app.local_config()
     assert local["app"]["title"] == "Lab Portal" and local["backend"]["database"]["client"] == "pg"
     assert "rules" not in local["catalog"], "the global rules an older backchat wrote are gone"
@@ -614,7 +620,7 @@ def browser_setup(request, chromium, npm_root, llama, tmp_path_factory):
     real llama-server, both on 127.0.0.1."""
     addressing = ADDRESSING[request.param]
     with Site({"/": ("text/html", GUI_PAGE, {})}) as gui:
-        root = tmp_path_factory.mktemp("app")
+        root = app_dir(tmp_path_factory.mktemp("app"))
         cfg = make_cfg(backend="llamacpp", frontend="chatbot-ui", localai_port=llama.port,
                        chatbot_ui_port=gui.port, backstage_app_dir=str(root))
         app = App(root, cfg, address=addressing["address"])

@@ -88,6 +88,8 @@ def test_a_dry_deploy_from_an_unrelated_project(installed, tmp_path):
         # The project's own group data is above the package's defaults.
         strict = dry_run(python, write_project(tmp_path / "strict", common + "min_memory_mb = 10**7\n"), hub.endpoint())
         assert "MB of RAM is less than the 10000000 MB the model needs" in strict.stderr, strict.stderr
+        # A dry run that would refuse a host says so at the end and fails, for scripts.
+        assert strict.returncode == 1 and "1 host(s) would be refused" in strict.stderr, strict.stderr
 
         # A name that is no setting stops the run before any host is touched.
         typo = dry_run(python, write_project(tmp_path / "typo", common + "backnd = 'textgen'\n"), hub.endpoint())

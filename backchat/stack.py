@@ -30,6 +30,8 @@ def textgen_args(cfg, threads: int) -> str:
         "--model", cfg.model_id, "--loader", "llama.cpp",
         "--threads", str(threads), "--threads-batch", str(threads),
         "--ctx-size", str(cfg.context_size), "--gpu-layers", "0",
+        # Without a template in the GGUF it would format chats as Alpaca; the model speaks ChatML.
+        "--chat-template-file", "user_data/instruction-templates/ChatML.yaml",
     ]
     if cfg.api_key:
         args += ["--api-key", "${BACKCHAT_API_KEY:?BACKCHAT_API_KEY missing from .env}"]

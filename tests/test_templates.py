@@ -288,13 +288,15 @@ def test_textgen_service(rendered):
         "--threads-batch": "6",
         "--ctx-size": "8192",
         "--gpu-layers": "0",
+        "--chat-template-file": "user_data/instruction-templates/ChatML.yaml",
     }
     for flag in ("--listen", "--api"):
         assert flag in args
     for flag, value in expected_pairs.items():
         assert flag in args, flag
         assert args[args.index(flag) + 1] == value, flag
-    assert svc["volumes"] == [f"{cfg.models_dir}:/app/user_data/models/{MODEL_ID}:ro"]
+    # Only the model file: Text Gen WebUI loads the first .gguf of the folder it is given.
+    assert svc["volumes"] == [f"{cfg.models_dir}/{MODEL_FILE}:/app/user_data/models/{MODEL_ID}/{MODEL_FILE}:ro"]
     if cfg.api_key:
         raw = svc["environment"]["EXTRA_LAUNCH_ARGS"]
         assert "--api-key" in args
@@ -308,7 +310,8 @@ def test_textgen_args_is_one_string_of_flags():
     cfg = make_cfg(backend="textgen", frontend="textgen", context_size=8192)
     assert stack.textgen_args(cfg, 4) == (
         "--listen --api --api-port 5000 --model gpt-3.5-turbo --loader llama.cpp "
-        "--threads 4 --threads-batch 4 --ctx-size 8192 --gpu-layers 0"
+        "--threads 4 --threads-batch 4 --ctx-size 8192 --gpu-layers 0 "
+        "--chat-template-file user_data/instruction-templates/ChatML.yaml"
     )
 
 
@@ -334,6 +337,7 @@ def test_llamacpp_service(rendered):
     assert value("--host") == "0.0.0.0"
     assert value("--threads") == "6"
     assert value("--ctx-size") == "8192"
+    assert value("--chat-template") == "chatml"  # the model speaks ChatML; its GGUF has no template
     assert f"{cfg.models_dir}:/models:ro" in svc["volumes"]
     if cfg.api_key:
         assert KEY_REF.fullmatch(svc["environment"]["LLAMA_API_KEY"])

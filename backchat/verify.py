@@ -97,6 +97,27 @@ def wait_for_model(
         delay = min(delay * 2, 15.0)
 
 
+# /v1/models lists a model before (Text Gen WebUI: even when) loading fails; these answer
+# 200 only once it is really loaded.
+LOADED_CHECKS = {
+    "llamacpp": ("GET", "/health", None),
+    "localai": ("GET", "/readyz", None),
+    "textgen": ("POST", "/v1/internal/token-count", {"text": "hello"}),
+}
+
+
+def model_is_loaded(service: str, base_url: str, probe) -> str | None:
+    """None when the backend's model is really loaded, else why not."""
+    method, path, body = LOADED_CHECKS[service]
+    try:
+        answer = probe.request(method, f"{base_url}{path}", body=body, timeout=30.0)
+    except Unreachable as error:
+        return f"lists the model, but {path} did not answer: {error}"
+    if answer.status != 200:
+        return f"lists the model, but it is not loaded ({path} answered HTTP {answer.status}; see the container's log)"
+    return None
+
+
 def key_is_enforced(base_url: str, probe) -> str | None:
     """With an API key set, a request without it must be refused. None if it is."""
     body = {"model": "x", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
@@ -127,6 +148,10 @@ def check_all(cfg, address: str, probe, on_wait: Callable[[str], None] | None = 
     results = []
     for service, url in api_urls(cfg, address).items():
         result = wait_for_model(service, url, cfg.model_id, probe, cfg.verify_timeout, on_wait)
+        if result.ok:
+            problem = model_is_loaded(service, url, probe)
+            if problem:
+                result.ok, result.detail = False, problem
         if result.ok and cfg.api_key:
             problem = key_is_enforced(url, probe)
             if problem:

@@ -119,3 +119,25 @@ def test_docker_users_must_exist():
     assert preflight.user_problems([]) == []
     (problem,) = preflight.user_problems(["bob"])
     assert "bob" in problem and "never creates accounts" in problem
+
+
+class _Probe:
+    """Answers by path, as a backend would (a stand-in for the HTTP probes)."""
+
+    def __init__(self, statuses):
+        self.statuses = statuses
+
+    def request(self, method, url, with_key=True, body=None, timeout=10.0):
+        from backchat.probes import Answer
+
+        path = "/" + url.split("/", 3)[3]
+        return Answer(self.statuses[path], "{}")
+
+
+@pytest.mark.parametrize("service, path", [("llamacpp", "/health"), ("localai", "/readyz"), ("textgen", "/v1/internal/token-count")])
+def test_a_listed_but_unloaded_model_fails_verify(service, path):
+    from backchat.verify import model_is_loaded
+
+    assert model_is_loaded(service, "http://h:1", _Probe({path: 200})) is None
+    problem = model_is_loaded(service, "http://h:1", _Probe({path: 500}))
+    assert "not loaded" in problem and path in problem and "500" in problem

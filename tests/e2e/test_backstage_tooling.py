@@ -41,7 +41,7 @@ from tests.variants import COMBINATIONS
 
 pytestmark = pytest.mark.npm
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent.parent  # tests/, which holds backstage/
 PROJECT = HERE / "backstage"
 CHROMIUM = Path(os.environ.get("BACKCHAT_CHROMIUM", "/usr/bin/chromium"))
 # What decides node_modules: the cache key is the hash of these files.

@@ -486,3 +486,17 @@ def test_render_single_template_matches_rendered_files():
 
 # Docker's own parser checks every variant in tests/test_realhosts.py, on a trixie host
 # where the deploy installed compose v2 (this machine has no compose v2 to run).
+
+
+# --- when compose up runs, and with how many threads --------------------------------------
+
+
+def test_stack_out_of_date():
+    running = {"services": {"localai": {"want": "h1", "have": "h1", "state": "running"}}}
+    assert stack.out_of_date(running, ["localai"]) == []
+    assert stack.out_of_date(running, ["localai", "chatbot-ui"]) == ["chatbot-ui"]
+    assert stack.out_of_date(None, ["localai"]) == ["localai"]
+    changed = {"services": {"localai": {"want": "h2", "have": "h1", "state": "running"}}}
+    assert stack.out_of_date(changed, ["localai"]) == ["localai"]
+    stopped = {"services": {"localai": {"want": "h1", "have": "h1", "state": "exited"}}}
+    assert stack.out_of_date(stopped, ["localai"]) == ["localai"]

@@ -16,7 +16,7 @@ import pytest
 from tests.harness.hub import FakeHub
 from tests.harness.tiny_gguf import write_tiny_gguf
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

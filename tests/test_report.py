@@ -1,0 +1,24 @@
+"""The end-of-run report: one line per host, the first cause of a failure kept."""
+
+import json
+from types import SimpleNamespace
+
+from backchat import outcomes, report
+
+
+def test_report_names_every_host_and_why(tmp_path, monkeypatch):
+    monkeypatch.setattr(outcomes, "_records", {})
+    hosts = [SimpleNamespace(name=name) for name in ("ai-01", "ai-02", "ai-03")]
+    state = SimpleNamespace(inventory=hosts, failed_hosts=[hosts[1], hosts[2]])
+    outcomes.record("ai-01", verify="pass", backends="localai", model_id="gpt-3.5-turbo", seconds=3.2)
+    outcomes.record("ai-02", failure="Refused: Debian 11 is not supported")
+    outcomes.record("ai-02", failure="a later, less useful error")
+    rows = report.rows(state)
+    assert [row["result"] for row in rows] == ["ok", "FAILED", "FAILED"]
+    assert rows[1]["failure"] == "Refused: Debian 11 is not supported"
+    assert "could not connect" in rows[2]["failure"]
+    table = report.format_table(rows)
+    assert table.splitlines()[0].split()[:2] == ["host", "result"]
+    assert "ai-02: Refused: Debian 11 is not supported" in table
+    json.dumps(rows)  # the JSON report holds plain data
+

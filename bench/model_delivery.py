@@ -2,7 +2,7 @@
 
     python bench/model_delivery.py [--big-mb 1024] [--small-mb 10]
 
-Three Debian 13 sandbox hosts (tests/harness/sandbox.py), a local Hub (tests/harness/hub.py)
+Three Debian 13 sandbox hosts (testbed/sandbox.py), a local Hub (testbed/hub.py)
 and a second one as the LAN mirror; the real pyinfra CLI and deploy.py. See bench/README.md
 for what each figure means and how it is measured.
 """
@@ -22,9 +22,9 @@ from pathlib import Path
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
 
-from tests.deploy_runner import run_deploy, write_inventory  # noqa: E402
-from tests.harness.hub import FakeHub  # noqa: E402
-from tests.harness.sandbox import GATEWAY, sandbox_hosts  # noqa: E402
+from testbed.deploy_runner import run_deploy, write_inventory  # noqa: E402
+from testbed.hub import FakeHub  # noqa: E402
+from testbed.sandbox import GATEWAY, sandbox_hosts  # noqa: E402
 
 REPO = "bench/delivery-GGUF"
 MB = 1024 * 1024

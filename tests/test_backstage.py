@@ -14,7 +14,7 @@ import copy
 import pytest
 import yaml
 
-from backchat import addresses, backstage, settings
+from backchat import addresses, backstage
 from tests.cfg import make_cfg
 from tests.variants import COMBINATIONS
 

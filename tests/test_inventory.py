@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from tests.deploy_runner import PROJECT
+from testbed.deploy_runner import PROJECT
 
 
 def groups(monkeypatch, **env):

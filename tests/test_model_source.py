@@ -11,7 +11,7 @@ import pytest
 from backchat import hub, model_source
 from backchat.model_source import ModelSourceError, ResolvedModel, choose_source, is_verified, pinned_mismatch
 from tests.cfg import make_cfg
-from tests.harness.hub import FakeHub
+from testbed.hub import FakeHub
 
 SHA, PIN = "a" * 64, "b" * 64
 RESOLVED = ResolvedModel("org/m-GGUF", "m.gguf", "main", "c" * 40, SHA, 1000, "https://hub.example")

@@ -2,7 +2,7 @@
 
 A minimal real backend, assembled from npm as create-app's packages/backend is (backend-
 defaults with the app, catalog and proxy plugins on in-memory SQLite; tests/backstage_backend,
-run by tests/harness/backstage_backend.py), serves an app directory holding the app's own
+run by testbed/backstage_backend.py), serves an app directory holding the app's own
 app-config.yaml (with its own catalog location and CSP entries) and the
 app-config.local.yaml and backchat-catalog.yaml made by backchat's own
 ``backstage.render_config`` and ``backstage.render_catalog``. Checked through the backend:
@@ -59,7 +59,7 @@ import pytest
 import yaml
 
 from backchat import backstage, settings
-from tests.harness import backstage_backend as bb
+from testbed import backstage_backend as bb
 
 ADDRESS = "ai-01.test"  # the host as browsers name it; Chromium maps it to 127.0.0.1
 BROWSER_SCRIPT = bb.PROJECT / "browser.js"
@@ -624,8 +624,8 @@ KEY_HEADERS = {
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    from tests.harness.llama_server import LlamaServer
-    from tests.harness.tiny_gguf import write_tiny_gguf
+    from testbed.llama_server import LlamaServer
+    from testbed.tiny_gguf import write_tiny_gguf
 
     model = write_tiny_gguf(tmp_path_factory.mktemp("model") / "tiny.gguf")
     with LlamaServer(model, alias="gpt-3.5-turbo", api_key=LLAMA_KEY) as server:

@@ -36,7 +36,7 @@ import yaml
 
 from backchat import backstage, settings
 from tests.cfg import make_cfg
-from tests.harness.sandbox import CACHE, flock
+from testbed.sandbox import CACHE, flock
 from tests.variants import COMBINATIONS
 
 pytestmark = pytest.mark.npm
@@ -476,8 +476,8 @@ def test_csp_header_of_the_app_alone_blocks_the_iframe(npm_root, tmp_path):
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    from tests.harness.llama_server import LlamaServer
-    from tests.harness.tiny_gguf import write_tiny_gguf
+    from testbed.llama_server import LlamaServer
+    from testbed.tiny_gguf import write_tiny_gguf
 
     model = write_tiny_gguf(tmp_path_factory.mktemp("model") / "tiny.gguf")
     with LlamaServer(model, alias="gpt-3.5-turbo") as server:

@@ -1,6 +1,6 @@
 """templates/fetch-model.sh run for real on this machine, as root, the way a host runs it.
 
-The bytes come from the local stand-in for the Hub (tests/harness/hub.py, on 127.0.0.1,
+The bytes come from the local stand-in for the Hub (testbed/hub.py, on 127.0.0.1,
 with Range support), or, with URL "-", from a ``.part`` the test writes as the controller
 would. Issue 12: a symbolic link planted in a models directory others can write made root
 truncate a file in /etc. The script must refuse every directory someone else could plant a
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.hub import FakeHub
+from testbed.hub import FakeHub
 
 PROJECT = Path(__file__).resolve().parents[2]
 SCRIPT = Path(os.environ.get("BACKCHAT_FETCH_MODEL_SCRIPT") or PROJECT / "templates" / "fetch-model.sh")

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.sandbox import (
+from testbed.sandbox import (
     CACHE,
     HOST_PATH,
     MIRROR,
@@ -174,7 +174,7 @@ def fresh_root() -> tuple[Path, float | None]:
     """(root, seconds it took to build, None when cached): minbase + FRESH_PACKAGES.
 
     Cached under ROOTS_DIR by a hash of the recipe, built in a temporary directory under a
-    file lock and renamed into place (as tests/harness/sandbox.py does), so a present
+    file lock and renamed into place (as testbed/sandbox.py does), so a present
     directory is a complete root. Never changed afterwards: each command runs on an overlay.
     """
     digest = hashlib.sha256(json.dumps(_recipe(), sort_keys=True).encode()).hexdigest()

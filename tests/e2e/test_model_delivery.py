@@ -1,7 +1,7 @@
 """Model delivery against real hosts: every model_source, and the faults it must survive.
 
-Three Debian 13 sandbox hosts (tests/harness/sandbox.py) get the model from a local
-endpoint that speaks the Hub's protocol (tests/harness/hub.py), through the real pyinfra
+Three Debian 13 sandbox hosts (testbed/sandbox.py) get the model from a local
+endpoint that speaks the Hub's protocol (testbed/hub.py), through the real pyinfra
 CLI and deploy.py. Files are a few MB so the module runs in a couple of minutes; the
 benchmark in bench/ does the same with 1 GB.
 
@@ -22,9 +22,9 @@ import time
 
 import pytest
 
-from tests.deploy_runner import run_deploy, write_inventory
-from tests.harness.hub import FakeHub
-from tests.harness.sandbox import GATEWAY
+from testbed.deploy_runner import run_deploy, write_inventory
+from testbed.hub import FakeHub
+from testbed.sandbox import GATEWAY
 
 pytestmark = pytest.mark.realhost
 

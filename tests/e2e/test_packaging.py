@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.hub import FakeHub
-from tests.harness.tiny_gguf import write_tiny_gguf
+from testbed.hub import FakeHub
+from testbed.tiny_gguf import write_tiny_gguf
 
 ROOT = Path(__file__).resolve().parents[2]
 

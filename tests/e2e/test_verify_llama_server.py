@@ -11,11 +11,11 @@ import pytest
 
 from backchat.probes import ControllerProbe, HostProbe
 from backchat.secrets import Secret
-from backchat.verify import ask, check_all, key_is_enforced, probe_for, wait_for_model
+from backchat.verify import ask, check_all, key_is_enforced, wait_for_model
 from tests.cfg import make_cfg
-from tests.deploy_runner import PROJECT
-from tests.harness.llama_server import LlamaServer, free_port
-from tests.harness.tiny_gguf import write_tiny_gguf
+from testbed.deploy_runner import PROJECT
+from testbed.llama_server import LlamaServer, free_port
+from testbed.tiny_gguf import write_tiny_gguf
 
 pytestmark = pytest.mark.realhost
 

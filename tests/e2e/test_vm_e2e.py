@@ -1,6 +1,6 @@
 """End to end: the real deploy, run as a user runs it, against a Debian 13 VM with systemd.
 
-One VM for the module (tests/harness/vm.py; QEMU TCG, so it is slow: see the timings this
+One VM for the module (testbed/vm.py; QEMU TCG, so it is slow: see the timings this
 prints with ``pytest -s``). The phases run in order and each needs the one before:
 
 1. the deploy installs Docker (Debian's docker.io, through the test's apt proxy) and the
@@ -36,11 +36,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.deploy_runner import PROJECT, DeployRun, run_deploy, write_inventory
-from tests.harness import vm as vmh
-from tests.harness.fixtures import require_realhosts
-from tests.harness.hub import FakeHub
-from tests.harness.tiny_gguf import write_tiny_gguf
+from testbed.deploy_runner import PROJECT, DeployRun, run_deploy, write_inventory
+from testbed import vm as vmh
+from testbed.fixtures import require_realhosts
+from testbed.hub import FakeHub
+from testbed.tiny_gguf import write_tiny_gguf
 
 pytestmark = [pytest.mark.vm, pytest.mark.realhost]
 

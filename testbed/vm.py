@@ -39,8 +39,8 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from tests.harness import llama_server
-from tests.harness.sandbox import CACHE, MIRROR, AptProxy, flock, remove_tree, sh, ssh_host_data
+from testbed import llama_server
+from testbed.sandbox import CACHE, MIRROR, AptProxy, flock, remove_tree, sh, ssh_host_data
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
-"""pytest plugin: real Debian sandbox hosts (see tests/harness/sandbox.py).
+"""pytest plugin: real Debian sandbox hosts (see testbed/sandbox.py).
 
-Enable with ``pytest_plugins = ["tests.harness.fixtures"]`` in tests/conftest.py.
+Enable with ``pytest_plugins = ["testbed.fixtures"]`` in tests/conftest.py.
 
 Tests that need real hosts are marked ``realhost`` or use ``sandbox_factory``. Where the
 machine cannot provide hosts they skip, except when BACKCHAT_REQUIRE_REALHOSTS=1 (CI):
@@ -16,7 +16,7 @@ from contextlib import ExitStack
 
 import pytest
 
-from tests.harness.sandbox import SandboxHost, sandbox_hosts
+from testbed.sandbox import SandboxHost, sandbox_hosts
 
 REQUIRED_TOOLS = ("debootstrap", "ip", "mount", "chroot", "unshare", "ssh-keygen")
 

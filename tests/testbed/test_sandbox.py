@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import sandbox
-from tests.harness.sandbox import GATEWAY, SandboxHost, sandbox_hosts
+from testbed import sandbox
+from testbed.sandbox import GATEWAY, SandboxHost, sandbox_hosts
 
 pytestmark = pytest.mark.realhost
 

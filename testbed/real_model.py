@@ -16,13 +16,11 @@ verified against the pinned sha256 and size every time it is handed out
 is never put in place.  A file lock keeps concurrent test runs from fetching
 at the same time.
 
-    python -m tests.harness.real_model      # fetch (if needed), print path, sha256, size
+    python -m testbed.real_model      # fetch (if needed), print path, sha256, size
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -34,9 +32,10 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import pytest
+from testbed.sandbox import flock
 
 
 @dataclass(frozen=True)
@@ -99,26 +98,6 @@ def cache_root() -> Path:
 
 # --------------------------------------------------------------------------
 # helpers
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
-    """Exclusive flock on ``path`` (created if needed) for the ``with`` body."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"another process holds {path} for over {timeout:.0f}s")
-                time.sleep(0.2)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _sha256_file(path: Path) -> str:
@@ -229,7 +208,7 @@ def real_model(pin: ModelPin = PIN, cache: Path | None = None) -> RealModel:
     d = model_dir(pin, cache)
     final = d / pin.filename
     t0 = time.monotonic()
-    with _file_lock(d.parent / f"{pin.key}.lock"):
+    with flock(d.parent / f"{pin.key}.lock"):
         d.mkdir(parents=True, exist_ok=True)
         for stale in d.glob(f".{pin.key}.*"):  # left by a killed fetch
             shutil.rmtree(stale, ignore_errors=True)

@@ -3,7 +3,7 @@
 Random f32 weights, so it talks nonsense, but it is a real model: llama-server
 loads it in well under a second and answers every endpoint with it.
 
-    python -m tests.harness.tiny_gguf OUT.gguf [--seed N]
+    python -m testbed.tiny_gguf OUT.gguf [--seed N]
 """
 
 from __future__ import annotations

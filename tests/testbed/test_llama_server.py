@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.harness import llama_server as ls
-from tests.harness.tiny_gguf import write_tiny_gguf
+from testbed import llama_server as ls
+from testbed.tiny_gguf import write_tiny_gguf
 
 QUESTION = "Who was the president of the United States in 1997?"
 ORIGIN = "http://backstage.example:7007"

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import fcntl
 import hashlib
 import json
 import os
@@ -41,8 +40,9 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from testbed.sandbox import flock
 
-PROJECT = Path(__file__).resolve().parents[1] / "backstage_backend"
+PROJECT = Path(__file__).resolve().parent / "backstage_backend"
 CACHE = Path(os.environ.get("BACKCHAT_TEST_CACHE", "/var/cache/backchat-tests"))
 INSTALL_BASE = CACHE / "npm-backstage-backend"
 # What decides node_modules: the cache key is the hash of these files.
@@ -118,26 +118,6 @@ def node_dir() -> Path | None:
 # --- the npm install, cached per lockfile --------------------------------------------------
 
 
-@contextlib.contextmanager
-def file_lock(path: Path, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
-    """An exclusive lock across processes (parallel test runs install only once)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"another process holds {path} for over {timeout:.0f}s") from None
-                time.sleep(0.5)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def install_key() -> str:
     digest = hashlib.sha256()
     for name in INSTALL_FILES:
@@ -180,7 +160,7 @@ def npm_install() -> Path:
     if marker.is_file():
         TIMINGS.setdefault("backend npm install (cached)", 0.0)
         return final
-    with file_lock(INSTALL_BASE / f"{key}.lock"):
+    with flock(INSTALL_BASE / f"{key}.lock"):
         if marker.is_file():
             return final
         if final.exists():
@@ -222,7 +202,7 @@ def prune_other_installs(keep: str) -> None:
     for other in INSTALL_BASE.iterdir():
         if other.is_dir() and not other.name.startswith(".") and other.name != keep:
             try:
-                with file_lock(INSTALL_BASE / f"{other.name}.lock", timeout=0):
+                with flock(INSTALL_BASE / f"{other.name}.lock", timeout=0):
                     shutil.rmtree(other, ignore_errors=True)
                 (INSTALL_BASE / f"{other.name}.lock").unlink(missing_ok=True)
             except TimeoutError:
@@ -257,7 +237,7 @@ def runtime_root(install: Path) -> Path:
     final = install / f"runtime-{_runtime_key()}"
     if (final / "node_modules").is_dir():
         return final
-    with file_lock(install / f"{final.name}.lock"):
+    with flock(install / f"{final.name}.lock"):
         if (final / "node_modules").is_dir():
             return final
         shutil.rmtree(final, ignore_errors=True)

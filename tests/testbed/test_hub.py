@@ -1,4 +1,4 @@
-"""Proves tests/harness/hub.py speaks the Hub protocol, using the REAL huggingface_hub (2.4) client and curl.
+"""Proves testbed/hub.py speaks the Hub protocol, using the REAL huggingface_hub (2.4) client and curl.
 
 How to point huggingface_hub 2.4 at the fake endpoint
 ----------------------------------------------------
@@ -37,7 +37,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from .hub import FakeHub
+from testbed.hub import FakeHub
 
 REPO = "backchat-test/tiny-GGUF"
 FILE = "tiny.Q8_0.gguf"

@@ -32,7 +32,7 @@ import urllib.request
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from tests.harness.sandbox import flock as _locked, mounts_under, remove_tree as _rmtree, unmount_under
+from testbed.sandbox import flock as _locked, mounts_under, remove_tree as _rmtree, unmount_under
 
 CACHE = Path(os.environ.get("BACKCHAT_TEST_CACHE", "/var/cache/backchat-tests"))
 DEFAULT_MIRROR = "http://deb.debian.org/debian"

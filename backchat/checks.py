@@ -163,15 +163,27 @@ def controller_path(value: Any) -> str:
     text = _string(value, "a file path", "~/.config/backchat/api-key")
     if not text or any(ord(char) < 32 for char in text):
         raise Invalid("is not a file path", "use something like ~/.config/backchat/api-key")
-    return str(Path(text).expanduser().resolve())
+    try:
+        return str(Path(text).expanduser().resolve())
+    except (RuntimeError, OSError):  # ~nosuchuser, a name too long, a loop of links
+        raise Invalid("cannot be used as a path here (an unknown ~user, a name too long, or a loop of links)",
+                      "use something like ~/.config/backchat/api-key") from None
+
+
+def _is(test: Callable[[], bool]) -> bool:
+    """A filesystem test that treats an unusable path (too long, no access) as "no"."""
+    try:
+        return test()
+    except OSError:
+        return False
 
 
 def report_path(value: Any) -> str:
     """Where the JSON report goes on the controller: its directory must exist and be writable now."""
     path = Path(controller_path(value))
-    if path.is_dir():
+    if _is(path.is_dir):
         raise Invalid("is a directory", f"name a file in it, e.g. {path}/backchat-report.json")
-    if not path.parent.is_dir():
+    if not _is(path.parent.is_dir):
         raise Invalid(f"is in a directory that does not exist ({path.parent})", "create it, or choose another path")
     if not os.access(path.parent, os.W_OK):
         raise Invalid(f"is in a directory you cannot write ({path.parent})", "choose another path")
@@ -184,7 +196,7 @@ def image_archives(value: Any) -> tuple[str, ...]:
         value = [value] if value else []
     if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) for item in value):
         raise Invalid("must be a list of file paths", 'use e.g. ["images/localai.tar"] or []')
-    missing = [item for item in value if not Path(item).is_file()]
+    missing = [item for item in value if not _is(Path(item).is_file)]
     if missing:
         raise Invalid(f"lists files that do not exist here: {missing}", "save them with docker save, or fix the paths")
     for item in value:

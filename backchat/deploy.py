@@ -13,7 +13,7 @@ from __future__ import annotations
 from pyinfra import host, state
 from pyinfra.api import deploy
 
-from backchat import backstage, docker, model, preflight, report, stack, verify
+from backchat import backstage, docker, model, preflight, report, stack, transport, verify
 from backchat.run_settings import settings_for
 from backchat.settings import DEFAULTS
 
@@ -21,6 +21,7 @@ from backchat.settings import DEFAULTS
 @deploy("Backchat", data_defaults=DEFAULTS)
 def deploy_backchat():
     cfg = settings_for(state, host)  # the first call checks every host of the run
+    transport.send_small_packets_now(host)
     report.install(state, cfg.report_path)
 
     os_info = preflight.check(cfg)  # unsupported hosts are refused, one by one

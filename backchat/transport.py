@@ -26,6 +26,7 @@ If pyinfra changes these, ``tests/test_model_delivery.py`` and the secret-file t
 from __future__ import annotations
 
 import inspect
+import socket
 import subprocess
 from typing import Callable, Iterable
 
@@ -47,6 +48,20 @@ def _wrapped(state, host, command: StringCommand) -> str:
     return make_unix_command_for_host(
         state, host, command, **{key: value for key, value in arguments.items() if key in allowed}
     ).get_raw_value()
+
+
+def send_small_packets_now(host) -> None:
+    """Turn off Nagle's algorithm on the host's SSH socket.
+
+    Each of a run's many short exec-channel round trips otherwise waits for the peer's
+    delayed ACK (about 40 ms on Linux): measured on the sandbox hosts, a round trip took
+    47 ms with it and 6 ms without. paramiko (and so pyinfra's @ssh connector) leaves the
+    socket as it is; OpenSSH sets TCP_NODELAY for interactive sessions. Belongs upstream.
+    """
+    client = getattr(host.connector, "client", None)
+    sock = getattr(client.get_transport(), "sock", None) if client is not None else None
+    if isinstance(sock, socket.socket):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def run_as_operation(host, command: StringCommand, **kwargs):

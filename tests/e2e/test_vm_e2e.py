@@ -165,7 +165,7 @@ class Run:
         return ANSI.sub("", self.deploy.stderr)
 
 
-def deploy(e2e: E2E, label: str, archives: bool = True, timeout: int = 2400) -> Run:
+def deploy(e2e: E2E, label: str, archives: bool = True, timeout: int = 2400, extra: dict | None = None) -> Run:
     """``python -m pyinfra -y --json INVENTORY deploy.py --data ...`` from the project directory."""
     # The sha256 pin goes in host data: a hex string on --data could parse as a number.
     host_data = {**e2e.vm.pyinfra_data(), "model_sha256": e2e.model_sha256}
@@ -188,6 +188,7 @@ def deploy(e2e: E2E, label: str, archives: bool = True, timeout: int = 2400) -> 
     }
     if archives:
         settings["image_archives"] = e2e.image_archive
+    settings.update(extra or {})
     env = {k: v for k, v in os.environ.items() if k not in SCRUBBED_ENV}
     # The key a user's fleet would generate once; fixed here so the test can use the API too.
     env["BACKCHAT_API_KEY"] = API_KEY
@@ -371,3 +372,18 @@ def test_stack_comes_back_after_a_reboot(e2e: E2E) -> None:
     e2e.phase("deploy 4 (after reboot, no changes)", run.seconds)
     assert_no_changes(run, e2e)
     assert_verified(run, e2e)
+
+
+def test_services_on_loopback_are_verified_through_the_host(e2e: E2E) -> None:
+    """bind_address = 127.0.0.1 on a remote host: the controller cannot reach the API, so
+    verify asks through the host (curl over the SSH connection), and passes."""
+    e2e.needs("up")
+    run = deploy(e2e, "5-loopback", extra={"bind_address": "127.0.0.1"})
+    e2e.phase("deploy 5 (loopback only, verified through the host)", run.seconds)
+    rows = {entry["host"]: entry for entry in run.report}
+    assert rows.get(HOST_NAME, {}).get("verify") == "pass", f"report: {run.report}\n" + explain(run, e2e)
+    assert f"http://127.0.0.1:{e2e.port}/v1/models: lists {MODEL_ID}" in run.text, explain(run, e2e)
+    published = e2e.vm.run("docker compose -p backchat port llamacpp 8080").stdout.strip()
+    assert published == f"127.0.0.1:{e2e.port}", published
+    with pytest.raises(httpx.HTTPError):  # from the controller: nothing answers
+        httpx.get(f"{e2e.api}/v1/models", headers=AUTH, timeout=10).raise_for_status()

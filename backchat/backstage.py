@@ -24,7 +24,7 @@ from pyinfra import host
 from pyinfra.facts.files import FileContents
 from pyinfra.operations import files
 
-from backchat import resources
+from backchat import outcomes, resources
 from backchat.addresses import api_urls, gui_url, public_address
 
 CONFIG_FILE = "app-config.local.yaml"
@@ -282,6 +282,7 @@ def configure(cfg) -> None:
             mode="0644",
         )
     files.put(name=f"Write {CONFIG_FILE}", src=io.StringIO(content), dest=config_path, mode="0644")
+    outcomes.record(host.name, backstage_config=config_path)
     files.put(
         name=f"Write {CATALOG_FILE}",
         src=io.StringIO(render_catalog(cfg, address)),

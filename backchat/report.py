@@ -73,6 +73,12 @@ def format_table(entries: list[dict]) -> str:
         for key in ("failure", "detail"):
             if entry.get(key):
                 lines.append(f"  {entry['host']}: {entry[key]}")
+    configs = sorted({entry["backstage_config"] for entry in entries if entry.get("backstage_config") and not entry.get("failure")})
+    if configs:
+        lines.append(
+            f"  Backstage reads {', '.join(configs)} only when started without --config (yarn start); "
+            "a production backend (create-app's Dockerfile) needs --config app-config.local.yaml added last."
+        )
     return "\n".join(lines)
 
 

@@ -22,3 +22,11 @@ def test_report_names_every_host_and_why(tmp_path, monkeypatch):
     assert "ai-02: Refused: Debian 11 is not supported" in table
     json.dumps(rows)  # the JSON report holds plain data
 
+
+
+def test_the_report_says_how_a_production_backstage_loads_our_file():
+    rows = [{"host": "ai-01", "result": "ok", "backstage_config": "/srv/backstage/app-config.local.yaml"}]
+    table = report.format_table(rows)
+    assert "/srv/backstage/app-config.local.yaml only when started without --config" in table
+    assert "--config app-config.local.yaml added last" in table
+    assert "without --config" not in report.format_table([{"host": "ai-01", "result": "FAILED", "failure": "x"}])

@@ -208,9 +208,11 @@ def test_existing_backstage_config_is_kept(fleet, hub, tmp_path):
         "catalog:\n  locations:\n    - type: url\n      target: https://example.test/catalog-info.yaml\n"
         "YAML"
     )
+    trixie.run("chmod 0750 /srv/backstage")  # the app's directory, as its owners keep it
     inventory = write_inventory(tmp_path / "inventory.py", {trixie.name: trixie.pyinfra_data()})
     run = run_deploy(inventory, *deploy_data(hub, backstage_app_dir="/srv/backstage"))
     assert run.returncode == 0, run
+    assert trixie.run("stat -c %a /srv/backstage").stdout.strip() == "750", "a directory we did not create was re-moded"
     config = yaml.safe_load(trixie.run("cat /srv/backstage/app-config.local.yaml").stdout)
     assert config["app"]["title"] == "Our Portal"
     assert config["backend"]["database"] == {"client": "pg"}

@@ -620,7 +620,7 @@ class SandboxHost:
             self._sshd.wait()
         self._sshd = None
 
-    def _wait_for_port(self, port: int, timeout: float = 10) -> None:
+    def _wait_for_port(self, port: int, timeout: float = 30) -> None:  # a loaded 2-core CI machine is slow
         deadline = time.monotonic() + timeout
         while True:
             if self._sshd is not None and self._sshd.poll() is not None:

@@ -55,6 +55,7 @@ IMAGES = {
     CHATBOT_UI_IMAGE: {"Entrypoint": ["sleep", "infinity"], "StopSignal": "SIGKILL"},
 }
 MODEL_ID = "gpt-3.5-turbo"
+DEPLOY_NAME = "Backchat"  # deploy_backchat's @deploy name: pyinfra puts it before each operation's
 API_KEY = "vm-e2e-test-key-0123456789"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 # Settings a user would pass; secrets and endpoints of the developer's shell stay out.
@@ -213,7 +214,7 @@ def deploy(e2e: E2E, label: str, archives: bool = True, timeout: int = 2400, ext
 
 def op_output(run: Run, op: str) -> str:
     """What pyinfra printed for one operation (empty if it never started)."""
-    parts = run.text.split(f"--> Starting operation: {op}", 1)
+    parts = run.text.split(f"--> Starting operation: {DEPLOY_NAME} | {op}", 1)
     return parts[1].split("\n--> ", 1)[0] if len(parts) == 2 else ""
 
 
@@ -309,7 +310,7 @@ def test_deploy_brings_up_the_stack_and_it_answers(e2e: E2E) -> None:
     # verify_chat: the report carries the model's real answer to the talk's question.
     (row,) = [entry for entry in run.report if entry["host"] == HOST_NAME]
     assert "Clinton" in row.get("detail", ""), f"report: {row}\n" + explain(run, e2e)
-    loaded = [op for op in run.deploy.results["operations"] if op["name"].startswith("Load ")]
+    loaded = [op for op in run.deploy.results["operations"] if op["name"].startswith(f"{DEPLOY_NAME} | Load ")]
     assert [op["success"] for op in loaded] == [[HOST_NAME]], run.deploy.results["operations"]
     tags = vm.run("docker image ls --format '{{.Repository}}:{{.Tag}}'").stdout.split()
     assert set(IMAGES) <= set(tags), tags

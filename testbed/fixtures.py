@@ -50,6 +50,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # The test bed checks itself first, on a fresh network, before anything relies on it.
+    items.sort(key=lambda item: 0 if item.nodeid.startswith("tests/testbed/") else 1)
     # npm and Chromium are not Python: `-m "not realhost"` leaves those tests out too.
     for item in items:
         if item.get_closest_marker("npm") or item.get_closest_marker("browser"):

@@ -21,6 +21,12 @@ from backchat.addresses import api_urls, connect_address, gui_url, public_addres
 from backchat.probes import Answer, ControllerProbe, HostProbe, Unreachable
 
 QUESTION = "Who was the president of the United States in 1997?"
+# What legacy Chatbot UI sends before every conversation (utils/app/const.ts at 5248f25b,
+# baked into its image): verify asks the way the GUI a user opens does.
+GUI_SYSTEM_PROMPT = (
+    "You are ChatGPT, a large language model trained by OpenAI. Follow the user's "
+    "instructions carefully. Respond using markdown."
+)
 
 
 @dataclass
@@ -134,7 +140,8 @@ def ask(base_url: str, model_id: str, probe, timeout: float) -> tuple[str, float
     """One chat completion: (first line of the answer, seconds it took)."""
     start = time.monotonic()
     # Temperature 0: the same model gives the same answer every run, so a report can be compared.
-    body = {"model": model_id, "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 64, "temperature": 0}
+    messages = [{"role": "system", "content": GUI_SYSTEM_PROMPT}, {"role": "user", "content": QUESTION}]
+    body = {"model": model_id, "messages": messages, "max_tokens": 64, "temperature": 0}
     answer = probe.request("POST", f"{base_url}/v1/chat/completions", body=body, timeout=timeout)
     if answer.status != 200:
         raise ValueError(f"HTTP {answer.status}")

@@ -40,6 +40,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from testbed import npm
 from testbed.sandbox import flock
 
 PROJECT = Path(__file__).resolve().parent / "backstage_backend"
@@ -76,19 +77,12 @@ def _record(name: str, seconds: float) -> None:
 # --- availability --------------------------------------------------------------------------
 
 
-def _version(tool: str) -> str:
-    try:
-        return subprocess.run([tool, "--version"], capture_output=True, text=True, timeout=60).stdout.strip()
-    except OSError:
-        return ""
-
-
 def missing_requirements() -> str | None:
     """Why the backend cannot run here, or None if it can."""
     missing = [tool for tool in ("node", "npm") if shutil.which(tool) is None]
     if missing:
         return f"the Backstage backend needs {' and '.join(missing)} on PATH (Node.js {MIN_NODE}+ with npm)"
-    version = _version("node").lstrip("v")
+    version = npm.version("node").lstrip("v")
     major = version.split(".")[0]
     if not major.isdigit() or int(major) < MIN_NODE:
         return f"the Backstage backend needs Node.js {MIN_NODE} or later, not {version or 'unknown'}"
@@ -118,13 +112,6 @@ def node_dir() -> Path | None:
 # --- the npm install, cached per lockfile --------------------------------------------------
 
 
-def install_key() -> str:
-    digest = hashlib.sha256()
-    for name in INSTALL_FILES:
-        digest.update(name.encode() + b"\0" + (PROJECT / name).read_bytes() + b"\0")
-    return digest.hexdigest()[:16]
-
-
 def _npm_env() -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("npm_config_")}
     env.update(
@@ -146,67 +133,28 @@ def _run_npm(cmd: Sequence[str], cwd: Path, timeout: float) -> float:
 
 
 def npm_install() -> Path:
-    """The cached install (package.json + node_modules) for the current lockfile.
-
-    Built in a temporary directory beside the final one and renamed into place under a
-    lock: a directory that exists under its key is complete.
-    """
+    """The cached install (package.json + node_modules) for the current lockfile."""
     why = missing_requirements()
     if why:
         raise BackendError(why)
-    key = install_key()
-    final = INSTALL_BASE / key
-    marker = final / ".backchat-installed.json"
-    if marker.is_file():
+
+    def build(directory: Path) -> dict:
+        ci = _run_npm(NPM_CI, directory, timeout=1800)
+        rebuild = _run_npm(NPM_REBUILD, directory, timeout=1800)
+        check = subprocess.run(
+            ["node", "-e", "const D = require('better-sqlite3'); console.log(new D(':memory:').prepare('select 41 + 1 as x').get().x)"],
+            cwd=directory, capture_output=True, text=True, timeout=60,
+        )
+        if check.stdout.strip() != "42":
+            raise BackendError(f"better-sqlite3 does not load after the build:\n{check.stdout}{check.stderr[-3000:]}")
+        _record("backend npm ci (cold)", ci)
+        _record("backend better-sqlite3 build from source", rebuild)
+        return {"npm_ci_seconds": round(ci, 1), "better_sqlite3_build_seconds": round(rebuild, 1), "nodedir": str(node_dir())}
+
+    install, built = npm.cached_install(PROJECT, INSTALL_FILES, INSTALL_BASE, build)
+    if not built:
         TIMINGS.setdefault("backend npm install (cached)", 0.0)
-        return final
-    with flock(INSTALL_BASE / f"{key}.lock"):
-        if marker.is_file():
-            return final
-        if final.exists():
-            shutil.rmtree(final)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=INSTALL_BASE))
-        try:
-            for name in INSTALL_FILES:
-                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(PROJECT / name, tmp / name)
-            ci = _run_npm(NPM_CI, tmp, timeout=1800)
-            rebuild = _run_npm(NPM_REBUILD, tmp, timeout=1800)
-            check = subprocess.run(
-                ["node", "-e", "const D = require('better-sqlite3'); console.log(new D(':memory:').prepare('select 41 + 1 as x').get().x)"],
-                cwd=tmp, capture_output=True, text=True, timeout=60,
-            )
-            if check.stdout.strip() != "42":
-                raise BackendError(f"better-sqlite3 does not load after the build:\n{check.stdout}{check.stderr[-3000:]}")
-            _record("backend npm ci (cold)", ci)
-            _record("backend better-sqlite3 build from source", rebuild)
-            info = {
-                "key": key,
-                "npm_ci_seconds": round(ci, 1),
-                "better_sqlite3_build_seconds": round(rebuild, 1),
-                "node": _version("node"),
-                "npm": _version("npm"),
-                "nodedir": str(node_dir()),
-            }
-            (tmp / marker.name).write_text(json.dumps(info, indent=2) + "\n")
-            os.rename(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    prune_other_installs(key)
-    return final
-
-
-def prune_other_installs(keep: str) -> None:
-    """Remove installs of older lockfiles (about 350 MB each) that nobody is using."""
-    for other in INSTALL_BASE.iterdir():
-        if other.is_dir() and not other.name.startswith(".") and other.name != keep:
-            try:
-                with flock(INSTALL_BASE / f"{other.name}.lock", timeout=0):
-                    shutil.rmtree(other, ignore_errors=True)
-                (INSTALL_BASE / f"{other.name}.lock").unlink(missing_ok=True)
-            except TimeoutError:
-                pass
+    return install
 
 
 # --- the runtime: node_modules with the workspaces linked in -------------------------------

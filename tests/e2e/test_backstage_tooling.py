@@ -19,13 +19,11 @@ BACKCHAT_REQUIRE_REALHOSTS=1 (CI): then they fail.
 from __future__ import annotations
 
 import copy
-import hashlib
 import http.server
 import json
 import os
 import shutil
 import subprocess
-import tempfile
 import threading
 import time
 import urllib.request
@@ -36,7 +34,8 @@ import yaml
 
 from backchat import backstage, settings
 from tests.cfg import make_cfg
-from testbed.sandbox import CACHE, flock
+from testbed import npm
+from testbed.sandbox import CACHE
 from tests.variants import COMBINATIONS
 
 pytestmark = pytest.mark.npm
@@ -75,7 +74,7 @@ def require_node() -> None:
     missing = [tool for tool in ("node", "npm") if shutil.which(tool) is None]
     if missing:
         unavailable(f"Backstage tooling tests need {' and '.join(missing)} on PATH (Node.js {MIN_NODE}+ with npm)")
-    version = _version("node").lstrip("v")
+    version = npm.version("node").lstrip("v")
     if not version.split(".")[0].isdigit() or int(version.split(".")[0]) < MIN_NODE:
         unavailable(f"Backstage tooling tests need Node.js {MIN_NODE} or later, not {version or 'unknown'}")
 
@@ -88,71 +87,26 @@ def require_chromium() -> None:
 # --- the npm install, cached per lockfile --------------------------------------------------
 
 
-def install_key() -> str:
-    digest = hashlib.sha256()
-    for name in INSTALL_FILES:
-        digest.update(name.encode() + b"\0" + (PROJECT / name).read_bytes() + b"\0")
-    return digest.hexdigest()[:16]
-
-
 def npm_install() -> Path:
-    """node_modules for tests/backstage, installed once per lockfile; returns its project dir.
+    """node_modules for tests/backstage, installed once per lockfile; returns its project dir."""
 
-    Built in a temporary directory beside the final one and renamed into place under a
-    lock: a directory that exists under its key is complete.
-    """
-    base = CACHE / "npm"
-    key = install_key()
-    final = base / key
-    marker = final / ".backchat-installed.json"
-    if marker.is_file():
-        TIMINGS.setdefault("npm install (cached)", 0.0)
-        return final
-    with flock(base / f"{key}.lock"):
-        if marker.is_file():
-            return final
-        if final.exists():
-            shutil.rmtree(final)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=base))
-        try:
-            for name in INSTALL_FILES:
-                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(PROJECT / name, tmp / name)
-            started = time.monotonic()
-            done = subprocess.run(
-                NPM_CI, cwd=tmp, capture_output=True, text=True, timeout=1800,
-                env={**os.environ, "npm_config_update_notifier": "false", "npm_config_progress": "false"},
+    def build(directory: Path) -> dict:
+        started = time.monotonic()
+        done = subprocess.run(
+            NPM_CI, cwd=directory, capture_output=True, text=True, timeout=1800,
+            env={**os.environ, "npm_config_update_notifier": "false", "npm_config_progress": "false"},
+        )
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"{' '.join(NPM_CI)} in {directory} exited {done.returncode}:\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
             )
-            seconds = round(time.monotonic() - started, 1)
-            if done.returncode != 0:
-                raise RuntimeError(
-                    f"{' '.join(NPM_CI)} in {tmp} exited {done.returncode}:\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
-                )
-            TIMINGS["npm ci (no node_modules cached)"] = seconds
-            marker_data = {"key": key, "npm_ci_seconds": seconds, "node": _version("node"), "npm": _version("npm")}
-            (tmp / marker.name).write_text(json.dumps(marker_data, indent=2) + "\n")
-            os.rename(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-    prune_other_installs(base, key)
-    return final
+        TIMINGS["npm ci (no node_modules cached)"] = seconds = round(time.monotonic() - started, 1)
+        return {"npm_ci_seconds": seconds}
 
-
-def prune_other_installs(base: Path, keep: str) -> None:
-    """Remove installs of older lockfiles (about 700 MB each) that nobody is using."""
-    for other in base.iterdir():
-        if other.is_dir() and not other.name.startswith(".") and other.name != keep:
-            try:
-                with flock(base / f"{other.name}.lock", timeout=0):
-                    shutil.rmtree(other, ignore_errors=True)
-                (base / f"{other.name}.lock").unlink(missing_ok=True)
-            except TimeoutError:
-                pass
-
-
-def _version(tool: str) -> str:
-    return subprocess.run([tool, "--version"], capture_output=True, text=True).stdout.strip()
+    install, built = npm.cached_install(PROJECT, INSTALL_FILES, CACHE / "npm", build)
+    if not built:
+        TIMINGS.setdefault("npm install (cached)", 0.0)
+    return install
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ beside it when we change it.
 The catalog is registered as a file location whose own ``rules`` allow its kinds; the
 global ``catalog.rules`` are left alone (an array we wrote there would replace the app's).
 
-Checked against Backstage's own code by tests/test_backstage_tooling.py (backstage-cli
+Checked against Backstage's own code by tests/e2e/test_backstage_tooling.py (backstage-cli
 config:check --strict, the catalog's processors and rules, helmet's CSP header, Chromium).
 """
 

@@ -20,7 +20,7 @@ What this touches, and why it is safe to rely on (pyinfra 3.x):
 * ``host.current_op_global_arguments`` also gives commands an operation runs itself while
   executing (verify's probe through the host) the operation's ``_sudo`` and friends.
 
-If pyinfra changes these, ``tests/test_model_delivery.py`` and the secret-file tests fail.
+If pyinfra changes these, ``tests/e2e/test_model_delivery.py`` and the secret-file canary test fail.
 """
 
 from __future__ import annotations

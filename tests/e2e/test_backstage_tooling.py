@@ -18,7 +18,6 @@ BACKCHAT_REQUIRE_REALHOSTS=1 (CI): then they fail.
 
 from __future__ import annotations
 
-import copy
 import http.server
 import json
 import os
@@ -35,6 +34,7 @@ import yaml
 from backchat import backstage, settings
 from tests.cfg import make_cfg
 from testbed import npm
+from testbed.backstage_backend import deep_merge as backstage_merge
 from testbed.sandbox import CACHE
 from tests.variants import COMBINATIONS
 
@@ -197,17 +197,6 @@ def app_for(tmp_path: Path, backend: str = "localai", frontend: str = "chatbot-u
     root = app_dir(tmp_path)
     cfg = make_cfg(backend=backend, frontend=frontend, backstage_app_dir=str(root), **overrides)
     return App(root, cfg)
-
-
-def backstage_merge(low: dict, high: dict) -> dict:
-    """Backstage's config merge: objects deep-merge, everything else (arrays too) replaces."""
-    merged = copy.deepcopy(low)
-    for key, value in high.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = backstage_merge(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
 
 
 # An app-config.local.yaml a team already has (keys the installed schemas declare).

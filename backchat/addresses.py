@@ -30,21 +30,23 @@ def host_port(cfg, service: str) -> int:
     }[service]
 
 
-def public_address(cfg) -> str:
-    """The name a browser uses for this host: never localhost, which is the browser's own.
+def public_address(cfg, of=None) -> str:
+    """The name a browser uses for a host (``of``, else this one): never localhost, which
+    is the browser's own.
 
     Unset, it is the inventory name (or, for ``@local``, the host name), except when the
     services listen on loopback only: then only a browser on the host itself can reach
     them, at that loopback address.
     """
+    of = of or host
     if cfg.public_address:
         return cfg.public_address
     bind = ipaddress.ip_address(cfg.bind_address)
     if bind.is_loopback:
         return f"[{bind}]" if bind.version == 6 else str(bind)
-    if not host.name.startswith("@"):
-        return host.name
-    return host.get_fact(Hostname)
+    if not of.name.startswith("@"):
+        return of.name
+    return of.get_fact(Hostname)
 
 
 def connect_address(reached) -> str:

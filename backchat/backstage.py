@@ -9,6 +9,19 @@ beside it when we change it.
 The catalog is registered as a file location whose own ``rules`` allow its kinds; the
 global ``catalog.rules`` are left alone (an array we wrote there would replace the app's).
 
+One Backstage can describe a whole lab: a host of the ``backstage`` inventory group gets one
+config and one catalog for every AI host of the run (entity names carry each host's name,
+so they never clash); ``ai_server.url`` opens one host's GUI. Without that group, each AI
+host describes only itself, under the plain ``backchat-*`` names (the one-box setup).
+
+With an API key, Swagger UI's "Try it out" cannot call a backend from the browser: the
+browser would need the key, and LocalAI answers the CORS preflight with 401. So each
+backend also gets a Backstage proxy endpoint that adds the key on Backstage's server
+(``${BACKCHAT_API_KEY}`` from the backend's environment; it is in no file) and, as every
+proxy endpoint by default, requires a signed-in Backstage user: no open relay to the model.
+The API definition lists that endpoint first; the app sends its Backstage token through
+api-docs' ``requestInterceptor`` (the README has the snippet for ``apis.ts``).
+
 Checked against Backstage's own code by tests/e2e/test_backstage_tooling.py (backstage-cli
 config:check --strict, the catalog's processors and rules, helmet's CSP header, Chromium).
 """
@@ -16,8 +29,10 @@ config:check --strict, the catalog's processors and rules, helmet's CSP header, 
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
 import re
+from dataclasses import dataclass
 
 import yaml
 from pyinfra import host
@@ -35,6 +50,100 @@ CATALOG_FILE = "backchat-catalog.yaml"
 CATALOG_KINDS = ["Component", "API", "Resource", "System", "Domain", "Location", "Group", "User"]
 # The CSP directives we own (written whole: Backstage replaces arrays).
 CSP_DIRECTIVES = ("frame-src", "connect-src")
+SYSTEM = "backchat"
+# Backstage entity names: at most 63 characters of [A-Za-z0-9] joined by single [-_.].
+ENTITY_NAME_MAX = 63
+LONGEST_SUFFIX = "-llamacpp-api"
+# Backstage substitutes it from the backend's environment when it reads the config.
+PROXY_KEY_HEADER = {"Authorization": "Bearer ${BACKCHAT_API_KEY}"}
+PROXY_METHODS = ["GET", "POST"]
+
+
+@dataclass(frozen=True)
+class Served:
+    """An AI host as Backstage sees it: its settings, the address browsers use for it,
+    and the prefix of its entity names (and proxy endpoints)."""
+
+    cfg: object
+    address: str
+    prefix: str = SYSTEM
+    host: str | None = None
+
+    @property
+    def gui(self) -> str:
+        return gui_url(self.cfg, self.address)
+
+    @property
+    def apis(self) -> dict[str, str]:
+        return api_urls(self.cfg, self.address)
+
+    def name(self, service: str) -> str:
+        """A service's Component name (its API is this plus ``-api``; its proxy endpoint
+        is ``/`` plus this)."""
+        return f"{self.prefix}-{service}"
+
+
+def one_box(cfg, address: str) -> tuple[Served, ...]:
+    """A Backstage on (or for) one AI host: the plain ``backchat-*`` names."""
+    return (Served(cfg, address),)
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower() or "host"
+
+
+def lab(hosts) -> tuple[Served, ...]:
+    """A lab's AI hosts, from ``(inventory name, settings, address)``: each host's entities
+    are named ``backchat-<host>-...``, shortened with a hash where they would be too long
+    or where two names would read the same."""
+    room = ENTITY_NAME_MAX - len(SYSTEM) - 1 - len(LONGEST_SUFFIX)
+    slugs = [_slug(name) for name, _, _ in hosts]
+    served = []
+    for (name, cfg, address), slug in zip(hosts, slugs):
+        if len(slug) > room or slugs.count(slug) > 1:
+            digest = hashlib.sha256(name.encode()).hexdigest()[:6]
+            slug = f"{slug[:room - 7].rstrip('-')}-{digest}"
+        served.append(Served(cfg, address, prefix=f"{SYSTEM}-{slug}", host=name))
+    return tuple(served)
+
+
+def gui_host(cfg, served: tuple[Served, ...]) -> Served:
+    """The host whose GUI ``ai_server.url`` opens: ``ai_server_host``, else the first."""
+    if len(served) == 1:
+        return served[0]
+    return next((each for each in served if each.host == cfg.ai_server_host), served[0])
+
+
+def backend_url(base: dict | None) -> str:
+    """Where browsers reach Backstage's backend: the app's ``backend.baseUrl`` when it is a
+    plain URL, else the page's own origin (a production app serves both from one origin)."""
+    base_backend = base.get("backend") if isinstance(base, dict) else None
+    url = base_backend.get("baseUrl") if isinstance(base_backend, dict) else None
+    if isinstance(url, str) and re.fullmatch(r"https?://[^\s$]+", url):
+        return url.rstrip("/")
+    return ""
+
+
+def proxy_url(served: Served, service: str, backend: str) -> str:
+    """A backend's OpenAI API base URL through Backstage's proxy (without /v1)."""
+    return f"{backend}/api/proxy/{served.name(service)}"
+
+
+def proxy_endpoints(served: tuple[Served, ...]) -> dict:
+    """One proxy endpoint per backend that needs a key: the key added server-side, only
+    the methods the API uses, a signed-in Backstage user required (the default policy,
+    written out so nobody has to look it up)."""
+    return {
+        f"/{each.name(service)}": {
+            "target": url,
+            "headers": dict(PROXY_KEY_HEADER),
+            "allowedMethods": list(PROXY_METHODS),
+            "credentials": "require",
+        }
+        for each in served
+        if each.cfg.api_key
+        for service, url in each.apis.items()
+    }
 
 
 def _sources(values) -> list[str]:
@@ -49,14 +158,19 @@ def _unique(values) -> list[str]:
 
 
 def our_config(cfg, address: str, base: dict | None = None) -> dict:
-    """Our keys of app-config.local.yaml.
+    """Our keys of app-config.local.yaml for one AI host (see :func:`lab_config`)."""
+    return lab_config(cfg, one_box(cfg, address), base)
 
-    ``base`` is the app's own app-config.yaml (parsed), if any: the sources its
-    ``backend.csp`` lists for a directive we write are kept in ours, since ours replaces
-    theirs when Backstage merges the files.
+
+def lab_config(cfg, served: tuple[Served, ...], base: dict | None = None) -> dict:
+    """Our keys of app-config.local.yaml, describing the AI hosts ``served``.
+
+    ``cfg`` is the Backstage host's settings. ``base`` is the app's own app-config.yaml
+    (parsed), if any: the sources its ``backend.csp`` lists for a directive we write are
+    kept in ours, since ours replaces theirs when Backstage merges the files.
     """
-    gui = gui_url(cfg, address)
-    apis = sorted(set(api_urls(cfg, address).values()))
+    gui = gui_host(cfg, served).gui
+    apis = sorted({url for each in served for url in each.apis.values()})
     base_backend = base.get("backend") if isinstance(base, dict) else None
     base_csp = base_backend.get("csp") if isinstance(base_backend, dict) else None
     base_csp = base_csp if isinstance(base_csp, dict) else {}
@@ -82,11 +196,15 @@ def our_config(cfg, address: str, base: dict | None = None) -> dict:
         for entry in (base_locations if isinstance(base_locations, list) else [])
         if isinstance(entry, dict) and entry.get("target") != location["target"]
     ]
-    return {
+    ours = {
         "ai_server": {"url": gui},
         "backend": {"csp": csp},
         "catalog": {"locations": [*theirs, location]},
     }
+    endpoints = proxy_endpoints(served)
+    if endpoints:
+        ours["proxy"] = {"endpoints": endpoints}
+    return ours
 
 
 def merge(existing: dict | None, ours: dict) -> dict:
@@ -105,6 +223,13 @@ def merge(existing: dict | None, ours: dict) -> dict:
             else:
                 into[key] = copy.deepcopy(value)
 
+    proxy = merged.get("proxy")
+    if isinstance(proxy, dict) and isinstance(proxy.get("endpoints"), dict):
+        # Endpoints named like ours are ours: a host that left the lab, or a key turned
+        # off, takes its endpoint along.
+        for route in [route for route in proxy["endpoints"] if str(route).startswith(f"/{SYSTEM}-")]:
+            del proxy["endpoints"][route]
+
     their_locations = (merged.get("catalog") or {}).get("locations") or []
     ours_targets = {location["target"] for location in ours["catalog"]["locations"]}
     deep(merged, ours)
@@ -118,10 +243,15 @@ def merge(existing: dict | None, ours: dict) -> dict:
 
 
 def render_config(existing_text: str | None, cfg, address: str, base_text: str | None = None) -> str:
+    """app-config.local.yaml for one AI host (see :func:`render_lab_config`)."""
+    return render_lab_config(existing_text, cfg, one_box(cfg, address), base_text)
+
+
+def render_lab_config(existing_text: str | None, cfg, served: tuple[Served, ...], base_text: str | None = None) -> str:
     """app-config.local.yaml: ``existing_text`` merged with ours (``base_text``: app-config.yaml)."""
     existing = yaml.safe_load(existing_text) if existing_text else None
     base = yaml.safe_load(base_text) if base_text else None
-    merged = merge(existing, our_config(cfg, address, base))
+    merged = merge(existing, lab_config(cfg, served, base))
     return yaml.safe_dump(merged, sort_keys=False, default_flow_style=False)
 
 
@@ -187,78 +317,116 @@ def _represent_str(dumper: yaml.SafeDumper, value: str):
 _CatalogDumper.add_representer(str, _represent_str)
 
 
-def openapi_definition(cfg, service: str, url: str) -> dict:
-    """The OpenAI API subset every backend serves, at this host's URL (no api.openai.com).
+def openapi_definition(cfg, service: str, servers: list[dict]) -> dict:
+    """The OpenAI API subset every backend serves, at ``servers`` (no api.openai.com).
 
-    Swagger UI on Backstage's API page ("Try it out") calls ``servers[0]`` from the
-    browser: it must be an address the browser reaches, allowed by Backstage's
-    ``connect-src`` and answering CORS for Backstage's origin.
+    Swagger UI on Backstage's API page ("Try it out") calls the chosen server from the
+    browser: Backstage's proxy (with a key), or the host itself, which must be allowed by
+    Backstage's ``connect-src`` and answer CORS for Backstage's origin.
     """
-    definition = yaml.safe_load(resources.render("openai-api.yaml.j2", service=service, url=url, model_id=cfg.model_id))
+    definition = yaml.safe_load(resources.render("openai-api.yaml.j2", service=service, model_id=cfg.model_id))
+    definition["servers"] = servers
     if cfg.api_key:
         definition["security"] = [{"apiKey": []}]
     return definition
 
 
+def api_servers(served: Served, service: str, url: str, backend: str) -> list[dict]:
+    """The servers an API definition lists: Backstage's proxy first when the backend needs
+    a key (the browser has none), then the host itself (for clients holding the key)."""
+    direct = {"url": f"{url}/v1", "description": f"{service} on {served.address}"}
+    if not served.cfg.api_key:
+        return [direct]
+    proxied = {"url": f"{proxy_url(served, service, backend)}/v1",
+               "description": "through Backstage's proxy, which adds the key (signed-in users)"}
+    return [proxied, direct]
+
+
 def render_catalog(cfg, address: str) -> str:
-    """The Backchat System, a Component per service and an API entity per backend."""
-    apis = api_urls(cfg, address)
-    gui = gui_url(cfg, address)
+    """The catalog for one AI host (see :func:`render_lab_catalog`)."""
+    return render_lab_catalog(one_box(cfg, address))
+
+
+def render_lab_catalog(served: tuple[Served, ...], backend: str = "") -> str:
+    """The Backchat System; per AI host a Component per service and an API per backend.
+
+    ``backend`` is Backstage's backend URL for browsers (:func:`backend_url`).
+    """
     system = {
         "apiVersion": "backstage.io/v1alpha1",
         "kind": "System",
         "metadata": {
-            "name": "backchat",
+            "name": SYSTEM,
             "description": "Private AI chat served from this lab",
-            "links": [{"url": gui, "title": "Chat", "icon": "chat"}],
+            "links": [
+                {"url": each.gui, "title": f"Chat ({each.host})" if each.host else "Chat", "icon": "chat"}
+                for each in served
+            ],
         },
         "spec": {"owner": "platform-team"},
     }
     entities = [system]
+    for each in served:
+        entities.extend(_host_entities(each, backend))
+    return yaml.dump_all(entities, Dumper=_CatalogDumper, sort_keys=False)
+
+
+def _host_entities(served: Served, backend: str) -> list[dict]:
+    cfg, apis, gui = served.cfg, served.apis, served.gui
+    on = f" on {served.host}" if served.host else ""
     backends = [service for service in cfg.services if service in apis]
+    entities = []
     for service in cfg.services:
         component: dict = {
             "apiVersion": "backstage.io/v1alpha1",
             "kind": "Component",
-            "metadata": {"name": f"backchat-{service}"},
-            "spec": {"type": "service", "lifecycle": "experimental", "owner": "platform-team", "system": "backchat"},
+            "metadata": {"name": served.name(service), "description": f"Backchat's {service}{on}"},
+            "spec": {"type": "service", "lifecycle": "experimental", "owner": "platform-team", "system": SYSTEM},
         }
         links = []
         if service == cfg.frontend:
             links.append({"url": gui, "title": "Chat"})
         if service in apis:
-            component["spec"]["providesApis"] = [f"backchat-{service}-api"]
+            component["spec"]["providesApis"] = [f"{served.name(service)}-api"]
             links.append({"url": f"{apis[service]}/v1/models", "title": "Models"})
         if service == "chatbot-ui":
-            component["spec"]["dependsOn"] = [f"component:backchat-{backend}" for backend in backends]
-            component["spec"]["consumesApis"] = [f"backchat-{backend}-api" for backend in backends]
+            component["spec"]["dependsOn"] = [f"component:{served.name(api_service)}" for api_service in backends]
+            component["spec"]["consumesApis"] = [f"{served.name(api_service)}-api" for api_service in backends]
         if links:
             component["metadata"]["links"] = links
         entities.append(component)
     for service, url in apis.items():
-        definition = openapi_definition(cfg, service, url)
+        definition = openapi_definition(cfg, service, api_servers(served, service, url, backend))
         entities.append(
             {
                 "apiVersion": "backstage.io/v1alpha1",
                 "kind": "API",
                 "metadata": {
-                    "name": f"backchat-{service}-api",
-                    "description": f"OpenAI-compatible API of {service} at {url}/v1",
+                    "name": f"{served.name(service)}-api",
+                    "description": f"OpenAI-compatible API of {service}{on} at {url}/v1",
                 },
                 "spec": {
                     "type": "openapi",
                     "lifecycle": "experimental",
                     "owner": "platform-team",
-                    "system": "backchat",
+                    "system": SYSTEM,
                     "definition": yaml.dump(definition, Dumper=_CatalogDumper, sort_keys=False),
                 },
             }
         )
-    return yaml.dump_all(entities, Dumper=_CatalogDumper, sort_keys=False)
+    return entities
 
 
-def configure(cfg) -> None:
-    address = public_address(cfg)
+def configure(cfg, lab_hosts=None) -> None:
+    """Write app-config.local.yaml and the catalog into ``backstage_app_dir``.
+
+    ``lab_hosts``: the AI hosts to describe, as ``(host, settings)``, on a ``backstage``
+    group host; ``None`` on an AI host that describes only itself.
+    """
+    if lab_hosts is None:
+        served = one_box(cfg, public_address(cfg))
+    else:
+        served = lab([(each.name, each_cfg, public_address(each_cfg, each)) for each, each_cfg in lab_hosts])
     config_path = f"{cfg.backstage_app_dir}/{CONFIG_FILE}"
     base_path = f"{cfg.backstage_app_dir}/{BASE_CONFIG_FILE}"
     lines = host.get_fact(FileContents, path=config_path)
@@ -270,7 +438,8 @@ def configure(cfg) -> None:
             yaml.safe_load(text or "")
         except yaml.YAMLError as error:
             raise ValueError(f"{path} on {host.name} is not valid YAML: {error}") from None
-    content = render_config(existing_text, cfg, address, base_text)
+    content = render_lab_config(existing_text, cfg, served, base_text)
+    catalog = render_lab_catalog(served, backend_url(yaml.safe_load(base_text) if base_text else None))
 
     # No mode: this is the user's Backstage app, whose directory is theirs.
     files.directory(name="Create the Backstage app directory", path=cfg.backstage_app_dir)
@@ -282,10 +451,12 @@ def configure(cfg) -> None:
             mode="0644",
         )
     files.put(name=f"Write {CONFIG_FILE}", src=io.StringIO(content), dest=config_path, mode="0644")
-    outcomes.record(host.name, backstage_config=config_path)
+    outcomes.record(host.name, backstage_config=config_path, ai_server_url=gui_host(cfg, served).gui)
+    if any(each.cfg.api_key for each in served):
+        outcomes.record(host.name, backstage_env="BACKCHAT_API_KEY")
     files.put(
         name=f"Write {CATALOG_FILE}",
-        src=io.StringIO(render_catalog(cfg, address)),
+        src=io.StringIO(catalog),
         dest=f"{cfg.backstage_app_dir}/{CATALOG_FILE}",
         mode="0644",
     )

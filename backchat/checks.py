@@ -44,6 +44,8 @@ _HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?")
 _URL = re.compile(r"https?://[A-Za-z0-9.:\[\]-]+(/[A-Za-z0-9._~/%-]*)?")
 _ORIGIN = re.compile(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
 _USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
+# An inventory name as pyinfra takes it: an SSH name, an address, or @local, @vagrant/box.
+_INVENTORY_NAME = re.compile(r"@?[A-Za-z0-9][A-Za-z0-9._:/@-]{0,252}")
 _INTEGER = re.compile(r"-?[0-9]+")
 
 # Directories the deploy must never own: it would re-mode them, and others can write there
@@ -114,6 +116,7 @@ revision = pattern(_REVISION, "a commit, branch or tag", "a 40-hex commit id")
 model_id = pattern(_SAFE_NAME, "a model name", "gpt-3.5-turbo")
 image = pattern(_IMAGE, "an image reference", "localai/localai:v4.9.0")
 hostname = pattern(_HOSTNAME, "a host name or IP address", "ai-01.lab.example")
+inventory_name = pattern(_INVENTORY_NAME, "an inventory host name", "ai-01.lab.example")
 url = pattern(_URL, "an http(s) URL", "http://mirror.lab:8000/models/x.gguf")
 _path_text = pattern(_SAFE_PATH, "an absolute path", "/opt/backchat")
 

@@ -6,6 +6,9 @@
 Its defaults (backchat.settings) are the lowest data layer, so a project's group data,
 host data and ``--data`` override them. Every host's settings are checked once per run,
 before the first operation is queued for any host.
+
+A host of the inventory's ``backstage`` group gets the Backstage config for every AI host
+of the run (and runs no stack unless it is in another group too); see run_settings.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from pyinfra import host, state
 from pyinfra.api import deploy
 
 from backchat import backstage, docker, model, preflight, report, stack, transport, verify
-from backchat.run_settings import settings_for
+from backchat.run_settings import described_hosts, role, settings_for
 from backchat.settings import DEFAULTS
 
 
@@ -23,14 +26,18 @@ def deploy_backchat():
     cfg = settings_for(state, host)  # the first call checks every host of the run
     transport.send_small_packets_now(host)
     report.install(state, cfg.report_path)
+    this = role(state.inventory, host)
 
-    os_info = preflight.check(cfg)  # unsupported hosts are refused, one by one
-    if not os_info:
-        return
-    docker.install(cfg, os_info)  # 1. Docker Engine + compose v2
-    if not model.fetch(cfg):  # 2. the model: pinned, resumable, verified once
-        return
-    threads = stack.thread_count(cfg, stack.tune())  # 3. threads = physical cores
-    stack.write_and_start(cfg, threads)  # 4. compose file + model config, then up
-    backstage.configure(cfg)  # 5. app-config.local.yaml and the catalog
-    verify.backends(name="Verify /v1/models lists the model", cfg=cfg)  # 6. each backend serves it
+    if this.serves_ai:
+        os_info = preflight.check(cfg)  # unsupported hosts are refused, one by one
+        if not os_info:
+            return
+        docker.install(cfg, os_info)  # 1. Docker Engine + compose v2
+        if not model.fetch(cfg):  # 2. the model: pinned, resumable, verified once
+            return
+        threads = stack.thread_count(cfg, stack.tune())  # 3. threads = physical cores
+        stack.write_and_start(cfg, threads)  # 4. compose file + model config, then up
+    if this.writes_backstage:
+        backstage.configure(cfg, described_hosts(state, host))  # 5. app-config.local.yaml, catalog
+    if this.serves_ai:
+        verify.backends(name="Verify /v1/models lists the model", cfg=cfg)  # 6. each backend serves it

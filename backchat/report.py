@@ -73,11 +73,17 @@ def format_table(entries: list[dict]) -> str:
         for key in ("failure", "detail"):
             if entry.get(key):
                 lines.append(f"  {entry['host']}: {entry[key]}")
-    configs = sorted({entry["backstage_config"] for entry in entries if entry.get("backstage_config") and not entry.get("failure")})
-    if configs:
+    written = [entry for entry in entries if entry.get("backstage_config") and not entry.get("failure")]
+    if written:
+        configs = ", ".join(sorted({f"{entry['host']}:{entry['backstage_config']}" for entry in written}))
         lines.append(
-            f"  Backstage reads {', '.join(configs)} only when started without --config (yarn start); "
+            f"  Backstage reads {configs} only when started without --config (yarn start); "
             "a production backend (create-app's Dockerfile) needs --config app-config.local.yaml added last."
+        )
+    if any(entry.get("backstage_env") for entry in written):
+        lines.append(
+            "  Backstage's proxy adds the API key from BACKCHAT_API_KEY: set it in the Backstage backend's "
+            "environment (the key: $BACKCHAT_API_KEY, api_key_file, or ~/.config/backchat/api-key here)."
         )
     return "\n".join(lines)
 

@@ -97,6 +97,8 @@ SETTINGS: tuple[Setting, ...] = (
     _S("public_address", None, checks.optional(checks.hostname), "the name browsers use for the host",
        "inventory name"),
     _S("backstage_origin", "http://localhost:3000", checks.origin, "allowed by LocalAI's CORS"),
+    _S("ai_server_host", None, checks.optional(checks.inventory_name),
+       "on a `backstage` group host: the AI host whose GUI the Backchat page opens", "the first AI host"),
     # Verify
     _S("verify_timeout", 600, checks.integer(0, 86400, example=600), "seconds to wait for `/v1/models` (0 skips)"),
     _S("verify_chat", False, checks.boolean, "also ask one question and show the answer"),

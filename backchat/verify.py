@@ -205,7 +205,6 @@ def backends(cfg):
         "backends": ",".join(api_urls(cfg, address)),
         "model_id": cfg.model_id,
         "gui_url": gui_url(cfg, address),
-        "ai_server_url": gui_url(cfg, address),
     }
     if not cfg.start or cfg.verify_timeout == 0:
         outcomes.record(

@@ -104,6 +104,9 @@
 # Backstage's own origin in the browser (allowed by the backends' CORS): scheme, host
 # and port only, no path or trailing slash.
 # backstage_origin = 'http://localhost:3000'
+# Only on a host of the inventory's `backstage` group (one Backstage for a lab): the AI
+# host whose GUI the Backchat page opens, by inventory name. None: the first AI host.
+# ai_server_host = None
 
 # --- Verify ----------------------------------------------------------------------
 # Seconds to wait for each backend's /v1/models to list model_id (0 skips the check).

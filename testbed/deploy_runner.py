@@ -33,9 +33,11 @@ class DeployRun:
         return f"exit {self.returncode}\n--- stderr ---\n{self.stderr[-6000:]}"
 
 
-def write_inventory(path: Path, hosts: dict[str, dict], group: str = "lab") -> Path:
-    """An inventory file listing ``hosts`` (name -> host data) in one group."""
-    path.write_text(f"{group} = {list(hosts.items())!r}\n")
+def write_inventory(path: Path, hosts: dict[str, dict], group: str = "lab", **groups: dict[str, dict]) -> Path:
+    """An inventory file listing ``hosts`` (name -> host data) in ``group``, and each of
+    ``groups`` (group name -> hosts) in its own."""
+    every = {group: hosts, **groups}
+    path.write_text("".join(f"{name} = {list(members.items())!r}\n" for name, members in every.items()))
     return path
 
 

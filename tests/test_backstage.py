@@ -423,3 +423,91 @@ def test_the_apps_own_catalog_locations_are_carried_over():
     # Our own location listed in their file is not doubled.
     base["catalog"]["locations"].append({"type": "file", "target": "/srv/backstage/backchat-catalog.yaml"})
     assert len(backstage.our_config(cfg, ADDRESS, base)["catalog"]["locations"]) == 3
+
+
+# --- one Backstage for a lab -------------------------------------------------------------
+
+ENTITY_NAME = r"[A-Za-z0-9]([-_.]?[A-Za-z0-9])*"
+
+
+def lab_of(*names, key=None, **overrides):
+    hosts = [(name, make_cfg(api_key=key, **overrides), f"{name}.lab") for name in names]
+    return backstage.lab(hosts)
+
+
+def test_lab_entity_names_carry_the_host_and_never_clash():
+    import re
+
+    long_name = "ai-" + "x" * 80 + ".lab.example.com"
+    served = lab_of("ai-01", "AI_01", "@local", long_name, long_name.replace("x", "y"))
+    entities = [entity for entity in yaml.safe_load_all(backstage.render_lab_catalog(served)) if entity]
+    names = [entity["metadata"]["name"] for entity in entities]
+    assert len(names) == len(set(names)), names
+    for name in names:
+        assert len(name) <= backstage.ENTITY_NAME_MAX and re.fullmatch(ENTITY_NAME, name), name
+    assert "backchat-local-chatbot-ui" in names
+    # ai-01 and AI_01 would both read "ai-01": each gets a hash of its own name instead.
+    hashed = {name.split("-")[3] for name in names if name.startswith("backchat-ai-01-")}
+    assert len(hashed) == 2 and all(len(part) == 6 for part in hashed), names
+    assert backstage.lab([("ai-01", make_cfg(), "a")])[0].name("localai") == "backchat-ai-01-localai"
+
+
+def test_lab_config_describes_every_host_and_opens_the_chosen_gui():
+    served = lab_of("ai-01", "ai-02")
+    cfg = make_cfg()
+    ours = backstage.lab_config(cfg, served)
+    assert ours["ai_server"]["url"] == "http://ai-01.lab:3001"
+    assert ours["backend"]["csp"]["frame-src"] == ["'self'", "http://ai-01.lab:3001"]
+    assert ours["backend"]["csp"]["connect-src"] == ["'self'", "http://ai-01.lab:8080", "http://ai-02.lab:8080"]
+    chosen = backstage.lab_config(make_cfg(ai_server_host="ai-02"), served)
+    assert chosen["ai_server"]["url"] == "http://ai-02.lab:3001"
+    assert chosen["backend"]["csp"]["frame-src"] == ["'self'", "http://ai-02.lab:3001"]
+    assert "proxy" not in ours, "no key: the browser calls the hosts directly"
+
+
+def test_with_a_key_each_backend_gets_a_proxy_endpoint_that_adds_it_server_side():
+    from backchat.secrets import Secret
+
+    key = Secret("sk-lab-key-0123456789")
+    served = lab_of("ai-01", "ai-02", key=key, backend="localai", frontend="textgen")
+    ours = backstage.lab_config(make_cfg(api_key=key), served)
+    endpoints = ours["proxy"]["endpoints"]
+    assert set(endpoints) == {f"/backchat-{name}-{service}" for name in ("ai-01", "ai-02") for service in ("localai", "textgen")}
+    assert endpoints["/backchat-ai-02-textgen"] == {
+        "target": "http://ai-02.lab:5001",
+        "headers": {"Authorization": "Bearer ${BACKCHAT_API_KEY}"},
+        "allowedMethods": ["GET", "POST"],
+        "credentials": "require",
+    }
+    catalog = backstage.render_lab_catalog(served, "https://portal.lab")
+    text = yaml.safe_dump(ours) + catalog
+    assert key.reveal() not in text
+    apis = {entity["metadata"]["name"]: yaml.safe_load(entity["spec"]["definition"])
+            for entity in yaml.safe_load_all(catalog) if entity and entity["kind"] == "API"}
+    assert [server["url"] for server in apis["backchat-ai-01-localai-api"]["servers"]] == [
+        "https://portal.lab/api/proxy/backchat-ai-01-localai/v1", "http://ai-01.lab:8080/v1"]
+
+
+def test_backend_url_is_the_apps_literal_base_url_else_the_page_origin():
+    assert backstage.backend_url({"backend": {"baseUrl": "http://localhost:7007/"}}) == "http://localhost:7007"
+    assert backstage.backend_url({"backend": {"baseUrl": "${BACKEND_URL}"}}) == ""
+    assert backstage.backend_url(None) == ""
+
+
+def test_merge_drops_our_stale_proxy_endpoints_and_keeps_the_apps():
+    from backchat.secrets import Secret
+
+    existing = {"proxy": {"endpoints": {"/backchat-ai-09-localai": {"target": "http://gone:8080"},
+                                         "/their-api": {"target": "http://theirs"}}}}
+    ours = backstage.lab_config(make_cfg(), lab_of("ai-01", key=Secret("sk-0123456789abcdef")))
+    merged = backstage.merge(existing, ours)
+    assert set(merged["proxy"]["endpoints"]) == {"/their-api", "/backchat-ai-01-localai"}
+    # The key turned off: our endpoints go, theirs stay.
+    assert backstage.merge(merged, backstage.lab_config(make_cfg(), lab_of("ai-01")))["proxy"]["endpoints"] == {
+        "/their-api": {"target": "http://theirs"}}
+
+
+def test_one_box_keeps_the_plain_names():
+    served = backstage.one_box(make_cfg(), ADDRESS)
+    names = {entity["metadata"]["name"] for entity in yaml.safe_load_all(backstage.render_lab_catalog(served)) if entity}
+    assert names == {"backchat", "backchat-localai", "backchat-chatbot-ui", "backchat-localai-api"}

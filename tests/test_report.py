@@ -27,6 +27,9 @@ def test_report_names_every_host_and_why(tmp_path, monkeypatch):
 def test_the_report_says_how_a_production_backstage_loads_our_file():
     rows = [{"host": "ai-01", "result": "ok", "backstage_config": "/srv/backstage/app-config.local.yaml"}]
     table = report.format_table(rows)
-    assert "/srv/backstage/app-config.local.yaml only when started without --config" in table
+    assert "ai-01:/srv/backstage/app-config.local.yaml only when started without --config" in table
     assert "--config app-config.local.yaml added last" in table
+    assert "BACKCHAT_API_KEY" not in table
+    rows[0]["backstage_env"] = "BACKCHAT_API_KEY"
+    assert "proxy adds the API key from BACKCHAT_API_KEY" in report.format_table(rows)
     assert "without --config" not in report.format_table([{"host": "ai-01", "result": "FAILED", "failure": "x"}])

@@ -530,7 +530,10 @@ def _backstage_urls(f: Files) -> list:
         ("catalog System link", at(f.catalog, 0, "metadata", "links", 0, "url"), gui),
     ]
     for svc, url in apis.items():
-        found.append((f"catalog {svc} API server", at(f.definitions, f"backchat-{svc}-api", "servers", 0, "url"), f"{url}/v1"))
+        # With a key, Backstage's proxy comes first and targets the host.
+        found.append((f"catalog {svc} API server", at(f.definitions, f"backchat-{svc}-api", "servers", -1, "url"), f"{url}/v1"))
+        if cfg.api_key:
+            found.append((f"proxy endpoint for {svc}", at(f.config, "proxy", "endpoints", f"/backchat-{svc}", "target"), url))
     return found
 
 

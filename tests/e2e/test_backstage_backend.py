@@ -43,6 +43,7 @@ backend's log is kept in the test's tmp_path (backend.log).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import http.server
 import json
 import os
@@ -180,7 +181,7 @@ class App:
 
     def __init__(self, root: Path, log_dir: Path, npm_root: Path, gui_port: int,
                  configs: list[str] | None = None, base_extra: dict | None = None,
-                 env: dict[str, str] | None = None, **cfg_overrides) -> None:
+                 env: dict[str, str] | None = None, lab_hosts: list | None = None, **cfg_overrides) -> None:
         self.root = root
         self.backend = bb.BackstageBackend(root, configs=configs, npm_root=npm_root,
                                            log_path=log_dir / "backend.log", env=env)
@@ -196,8 +197,13 @@ class App:
         self.lab_path.write_text(LAB_ENTITIES)
         self.cfg = make_cfg(backend="localai", frontend="chatbot-ui", chatbot_ui_port=gui_port,
                             backstage_app_dir=str(root), **cfg_overrides)
-        self.local_path.write_text(backstage.render_config(None, self.cfg, ADDRESS, self.base_path.read_text()))
-        self.catalog_path.write_text(backstage.render_catalog(self.cfg, ADDRESS))
+        if lab_hosts is None:  # one box: what an AI host writes for itself
+            self.local_path.write_text(backstage.render_config(None, self.cfg, ADDRESS, self.base_path.read_text()))
+            self.catalog_path.write_text(backstage.render_catalog(self.cfg, ADDRESS))
+        else:  # the lab's Backstage host: every AI host, (name, settings, address)
+            self.served = backstage.lab(lab_hosts)
+            self.local_path.write_text(backstage.render_lab_config(None, self.cfg, self.served, self.base_path.read_text()))
+            self.catalog_path.write_text(backstage.render_lab_catalog(self.served, backstage.backend_url(self.base)))
         self.our_refs_at_start = self.our_refs()  # what backchat wrote, before any mutation
         # What a browser must reach, named independently of backchat's helpers.
         self.gui = f"http://{ADDRESS}:{gui_port}"
@@ -723,3 +729,98 @@ def test_a_bare_key_is_redacted_only_where_it_is_a_whole_config_value(proxied):
         assert request_lines(log, f"probe=***&after={NOT_A_SECRET}") and LLAMA_KEY not in log
     else:
         assert request_lines(log, f"probe={LLAMA_KEY}&after={NOT_A_SECRET}"), "Backstage now redacts parts of values"
+
+
+# --- one Backstage for a lab, and "Try it out" through our proxy endpoints --------------------
+
+LAB = ("ai-01.test", "ai-02.test", "ai-03.test")
+
+
+@pytest.fixture(scope="module")
+def lab_app(npm_root, gui, llama, tmp_path_factory):
+    """The lab's Backstage host, as backchat writes it: three AI hosts with a key, the
+    second one a real llama-server (llama.cpp backend) that only answers with that key.
+    The key reaches the backend only as $BACKCHAT_API_KEY, as the README tells admins."""
+    from backchat.secrets import Secret
+
+    key = Secret(LLAMA_KEY)
+    llama_port = int(llama.url.rsplit(":", 1)[1])
+    hosts = [
+        (LAB[0], make_cfg(backend="localai", frontend="chatbot-ui", chatbot_ui_port=gui.port), LAB[0]),
+        (LAB[1], make_cfg(backend="llamacpp", frontend="chatbot-ui", localai_port=llama_port), "127.0.0.1"),
+        (LAB[2], make_cfg(backend="localai", frontend="textgen"), LAB[2]),
+    ]
+    hosts = [(name, dataclasses.replace(cfg, api_key=key), address) for name, cfg, address in hosts]
+    with bb.app_directory() as root:
+        app = App(root, tmp_path_factory.mktemp("lab"), npm_root, gui.port, lab_hosts=hosts,
+                  env={"BACKCHAT_API_KEY": LLAMA_KEY})
+        assert LLAMA_KEY not in app.local_path.read_text() + app.catalog_path.read_text()
+        with app.backend:
+            yield app
+
+
+def lab_entities(app: App) -> dict[str, dict]:
+    ours = app.our_refs_at_start
+    return wait_for_catalog(app.backend, lambda entities: ours <= entities.keys() or bool(errors_for(app.backend, app.catalog_path)),
+                            "the lab's entities")
+
+
+@pytest.mark.realhost
+def test_the_lab_catalog_holds_every_hosts_services_without_clashes(lab_app):
+    refs = lab_app.our_refs_at_start
+    assert refs == {"system:default/backchat"} | {
+        f"{kind}:default/backchat-{host}-{name}"
+        for host, services in (("ai-01-test", ("localai", "chatbot-ui")), ("ai-02-test", ("llamacpp", "chatbot-ui")),
+                               ("ai-03-test", ("localai", "textgen")))
+        for service in services
+        for kind, name in (("component", service), *((("api", f"{service}-api"),) if service != "chatbot-ui" else ()))
+    }, sorted(refs)
+    entities = lab_entities(lab_app)
+    check_our_catalog_ingested(lab_app, entities)
+    for name in ("ai-01-test", "ai-02-test"):
+        provided = relations(entities[f"component:default/backchat-{name}-chatbot-ui"])
+        assert any(kind == "consumesApi" and target.startswith(f"api:default/backchat-{name}-") for kind, target in provided)
+    config = frontend_config(served_page(lab_app.backend)[1])
+    assert config["ai_server"] == {"url": f"http://{LAB[0]}:{lab_app.cfg.chatbot_ui_port}"}
+
+
+@pytest.mark.realhost
+def test_try_it_out_goes_through_our_proxy_endpoint_with_the_key_added_server_side(lab_app, llama):
+    """What Swagger UI on the API page does after the app's requestInterceptor added the
+    user's Backstage token: call the definition's first server. Backstage adds the model's
+    key; without Backstage credentials nothing passes (no open relay to the model)."""
+    entities = lab_entities(lab_app)
+    definition = yaml.safe_load(entities["api:default/backchat-ai-02-test-llamacpp-api"]["spec"]["definition"])
+    servers = [server["url"] for server in definition["servers"]]
+    assert servers == [f"{lab_app.backend.url}/api/proxy/backchat-ai-02-test-llamacpp/v1", f"{llama.url}/v1"]
+    path = servers[0].removeprefix(lab_app.backend.url)
+    status, headers, body = lab_app.backend.request(f"{path}/models", headers={"User-Agent": "backchat-try-it-out"})
+    assert status == 200, body[:500]
+    assert [model["id"] for model in json.loads(body)["data"]] == ["gpt-3.5-turbo"]
+    chat = json.dumps({"model": "gpt-3.5-turbo", "max_tokens": 4,
+                       "messages": [{"role": "user", "content": "Hi"}]}).encode()
+    status, _, body = lab_app.backend.request(f"{path}/chat/completions", method="POST", body=chat,
+                                               headers={"Content-Type": "application/json"})
+    assert status == 200 and json.loads(body)["choices"], body[:500]
+    # No Backstage credentials: refused by Backstage, the model is never asked.
+    assert lab_app.backend.request(f"{path}/models", token=None)[0] == 401
+    # Only the methods the API uses.
+    assert lab_app.backend.request(f"{path}/models", method="DELETE")[0] != 200
+    log = logged(lab_app.backend, "backchat-try-it-out")
+    assert LLAMA_KEY not in log and LLAMA_KEY not in body.decode() and LLAMA_KEY not in json.dumps(headers)
+    _, page = served_page(lab_app.backend)
+    assert LLAMA_KEY not in page and "proxy" not in frontend_config(page)
+
+
+@pytest.mark.realhost
+def test_the_proxy_check_fails_without_the_key_in_backstages_environment(make_app, llama):
+    """Mutation: the admin did not set BACKCHAT_API_KEY for Backstage: the endpoint is
+    there, the model refuses the call (so the check above depends on the key we add)."""
+    from backchat.secrets import Secret
+
+    port = int(llama.url.rsplit(":", 1)[1])
+    cfg = dataclasses.replace(make_cfg(backend="llamacpp", localai_port=port), api_key=Secret(LLAMA_KEY))
+    app = make_app(lab_hosts=[(LAB[1], cfg, "127.0.0.1")], env={"BACKCHAT_API_KEY": ""})
+    with app.backend:
+        status, _, body = app.backend.request("/api/proxy/backchat-ai-02-test-llamacpp/v1/models")
+    assert status == 401, body[:500]

@@ -341,3 +341,46 @@ def test_no_secret_in_any_output_of_any_pyinfra_command(fleet, hub, model_bytes,
         for secret in (token, key, new_key):
             assert secret not in text, f"{secret[:6]}... printed by {name}"
     assert host.run("stat -c %a /opt/backchat/.env /opt/backchat/.hf-token-header").stdout.split() == ["600", "600"]
+
+
+def test_one_backstage_host_describes_the_whole_lab(fleet, hub, tmp_path):
+    """Issue 14: a lab has one Backstage. The ``backstage`` group's host gets the config
+    and catalog for every AI host (entity names carry each host's name); the AI hosts get
+    the stack and no Backstage config; the Backstage host gets no stack. A re-run changes
+    nothing."""
+    portal, ai_1, ai_2 = fleet[0], fleet[1], fleet[2]  # bookworm needs no Docker to hold Backstage
+    key = "sk-lab-key-SECRET-0123456789"
+    for host in (ai_1, ai_2):
+        host.run("rm -rf /opt/backchat/backstage")
+    inventory = write_inventory(
+        tmp_path / "inventory.py",
+        {host.name: {**host.pyinfra_data(), "public_address": f"{host.name}.lab.test"} for host in (ai_1, ai_2)},
+        backstage={portal.name: {**portal.pyinfra_data(), "backstage_app_dir": "/srv/portal", "ai_server_host": ai_2.name}},
+    )
+    data = [item for item in deploy_data(hub) if not item.startswith("public_address=")]
+    env = {**os.environ, "BACKCHAT_API_KEY": key}
+    run = run_deploy(inventory, *data, env=env)
+    assert run.returncode == 0, run
+
+    config = yaml.safe_load(portal.run("cat /srv/portal/app-config.local.yaml").stdout)
+    assert config["ai_server"]["url"] == f"http://{ai_2.name}.lab.test:3001"
+    assert config["backend"]["csp"]["connect-src"] == [
+        "'self'", f"http://{ai_1.name}.lab.test:8080", f"http://{ai_2.name}.lab.test:8080"]
+    endpoints = config["proxy"]["endpoints"]
+    assert {route: endpoint["target"] for route, endpoint in endpoints.items()} == {
+        f"/backchat-{host.name}-localai": f"http://{host.name}.lab.test:8080" for host in (ai_1, ai_2)}
+    catalog = portal.run("cat /srv/portal/backchat-catalog.yaml").stdout
+    names = {entity["metadata"]["name"] for entity in yaml.safe_load_all(catalog) if entity}
+    assert names == {"backchat"} | {
+        f"backchat-{host.name}-{part}" for host in (ai_1, ai_2) for part in ("localai", "chatbot-ui", "localai-api")}
+    assert key not in catalog + yaml.safe_dump(config) and key not in run.stdout + run.stderr
+    assert portal.run("test -e /opt/backchat/docker-compose.yaml").returncode != 0, "the Backstage host got a stack"
+    for host in (ai_1, ai_2):
+        assert host.run("test -s /opt/backchat/docker-compose.yaml").returncode == 0
+        assert host.run("test -e /opt/backchat/backstage/app-config.local.yaml").returncode != 0
+    report = run.stderr.split("--> Backchat report:")[-1]
+    assert "/srv/portal/app-config.local.yaml" in report and "BACKCHAT_API_KEY" in report, report
+
+    again = run_deploy(inventory, *data, env=env)
+    assert again.returncode == 0, again
+    assert again.changed_ops() == [], again.changed_ops()

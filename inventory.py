@@ -12,8 +12,13 @@ workstations = []
 # A lab fleet. BACKCHAT_HOSTS="ai-01,ai-02,ai-03" fills it without editing this file.
 lab = [name for name in os.environ.get("BACKCHAT_HOSTS", "").split(",") if name]
 
+# Where your Backstage app lives, for a lab: that host gets the Backstage config for every
+# AI host above, and no stack unless it is listed above too. Empty: each AI host writes
+# its own (the one-box setup). BACKCHAT_BACKSTAGE="portal.lab" fills it.
+backstage = [name for name in os.environ.get("BACKCHAT_BACKSTAGE", "").split(",") if name]
+
 # The Vagrant test box (see Vagrantfile): BACKCHAT_VAGRANT=1 targets it via `vagrant ssh-config`.
 vagrant = ["@vagrant/default"] if os.environ.get("BACKCHAT_VAGRANT") else []
 
-if not (workstations or lab or vagrant):
+if not (workstations or lab or vagrant or backstage):
     workstations = ["@local"]

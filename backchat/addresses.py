@@ -55,21 +55,55 @@ def connect_address(reached) -> str:
     return "127.0.0.1" if address.startswith("@") else address
 
 
+def behind_front_door(cfg) -> bool:
+    """The HTTPS front door serves every port: asked for (``tls``), and the services are
+    reachable off the host (a loopback bind is reached only from the host itself)."""
+    return bool(cfg.tls) and not ipaddress.ip_address(cfg.bind_address).is_loopback
+
+
+def _scheme(cfg) -> str:
+    return "https" if behind_front_door(cfg) else "http"
+
+
+def published_services(cfg) -> list[str]:
+    """Every service port users reach: the GUI and the APIs (Text Gen WebUI has both)."""
+    names = list(cfg.services)
+    if "textgen" in names:
+        names.insert(names.index("textgen") + 1, "textgen-gui")
+    return names
+
+
 def gui_url(cfg, address: str) -> str:
     """The chat GUI users open (and Backstage iframes)."""
     service = "chatbot-ui" if cfg.frontend == "chatbot-ui" else "textgen-gui"
-    return f"http://{address}:{host_port(cfg, service)}"
+    return f"{_scheme(cfg)}://{address}:{host_port(cfg, service)}"
 
 
 def api_urls(cfg, address: str) -> dict[str, str]:
     """Backend service -> its OpenAI API base URL (without /v1) at ``address``."""
     return {
-        service: f"http://{address}:{host_port(cfg, service)}"
+        service: f"{_scheme(cfg)}://{address}:{host_port(cfg, service)}"
         for service in cfg.services
         if service in API_SERVICES
     }
 
 
+def internal_address(service: str) -> str:
+    """host:port of a service on the compose network (Text Gen WebUI's GUI is its container)."""
+    container = "textgen" if service == "textgen-gui" else service
+    return f"{container}:{CONTAINER_PORTS[service]}"
+
+
 def internal_api_url(service: str) -> str:
     """A backend's API base URL on the compose network (what Chatbot UI calls)."""
-    return f"http://{service}:{CONTAINER_PORTS[service]}"
+    return f"http://{internal_address(service)}"
+
+
+def doors(cfg) -> list[dict]:
+    """The front door's listeners: each published host port, in front of its service."""
+    if not behind_front_door(cfg):
+        return []
+    return [
+        {"service": service, "port": host_port(cfg, service), "upstream": internal_address(service)}
+        for service in published_services(cfg)
+    ]

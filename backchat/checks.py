@@ -197,6 +197,11 @@ def _is(test: Callable[[], bool]) -> bool:
         return False
 
 
+def is_file(path: str) -> bool:
+    """A regular file on the controller (an unusable path is not one)."""
+    return _is(Path(path).is_file)
+
+
 def report_path(value: Any) -> str:
     """Where the JSON report goes on the controller: its directory must exist and be writable now."""
     path = Path(controller_path(value))

@@ -10,6 +10,7 @@ the header from its stdin, written by the shell's ``printf`` builtin from the 06
 from __future__ import annotations
 
 import json as jsonlib
+import ssl
 from dataclasses import dataclass
 
 from pyinfra.api import QuoteString, StringCommand
@@ -37,16 +38,21 @@ class Unreachable(Exception):
 
 
 class ControllerProbe:
-    """Requests from the controller (httpx)."""
+    """Requests from the controller (httpx). ``trust``: the CA file for https (True: the
+    system's store), as a browser that trusts the lab's CA would check."""
 
-    def __init__(self, api_key: Secret | None):
+    def __init__(self, api_key: Secret | None, trust: str | bool = True):
         self.api_key = api_key
+        self.trust = trust
 
     def request(self, method: str, url: str, with_key: bool = True, body: dict | None = None, timeout: float = 10.0):
         headers = {"Authorization": f"Bearer {self.api_key.reveal()}"} if (with_key and self.api_key) else {}
         try:
-            response = httpx.request(method, url, headers=headers, json=body, timeout=timeout)
+            verify = ssl.create_default_context(cafile=self.trust) if isinstance(self.trust, str) else self.trust
+            response = httpx.request(method, url, headers=headers, json=body, timeout=timeout, verify=verify)
         except httpx.ConnectError as error:
+            if "CERTIFICATE_VERIFY_FAILED" in str(error) or "certificate" in str(error).lower():
+                raise Unreachable("other", f"HTTPS certificate not trusted: {error}") from None
             raise Unreachable("refused", str(error)) from None
         except httpx.TimeoutException as error:
             raise Unreachable("timeout", str(error)) from None

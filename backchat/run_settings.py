@@ -31,12 +31,16 @@ class Role:
 
 def _own_groups(inventory) -> set[str]:
     """The groups the inventory file defines. pyinfra adds two kinds of its own: one per
-    connector (``@local``, ``@vagrant``) and, last, one named after the inventory file that
-    holds every host (unless the file defines a group of that name)."""
-    names = [name for name in inventory.groups if not name.startswith("@") and name != "all"]
-    if names and names[-1] != BACKSTAGE_GROUP and len(inventory.groups[names[-1]]) == len(list(inventory)):
-        names = names[:-1]
-    return set(names)
+    connector (``@local``, ``@vagrant``) and one named after the inventory file that holds
+    every host, last in each host's groups (unless the file defines a group of that name)."""
+    hosts = list(inventory)
+    names = {group for each in hosts for group in each.groups if not group.startswith("@") and group != "all"}
+    lasts = {next((group for group in reversed(each.groups) if not group.startswith("@")), None) for each in hosts}
+    if len(lasts) == 1:
+        (last,) = lasts
+        if last not in (None, BACKSTAGE_GROUP) and all(last in each.groups for each in hosts):
+            names.discard(last)
+    return names
 
 
 def role(inventory, each) -> Role:

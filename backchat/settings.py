@@ -81,11 +81,22 @@ SETTINGS: tuple[Setting, ...] = (
     _S("chatbot_ui_port", 3001, checks.port, "Chatbot UI's host port"),
     _S("textgen_port", 7860, checks.port, "Text Gen WebUI's GUI host port"),
     _S("textgen_api_port", 5001, checks.port, "Text Gen WebUI's API host port"),
+    # The HTTPS front door (backchat/tls.py)
+    _S("tls", True, checks.boolean,
+       "HTTPS front door (nginx) on every port above, unless `bind_address` is loopback"),
+    _S("tls_ca_dir", "~/.config/backchat/ca", checks.controller_path,
+       "the controller's CA (made once; trust its `ca.crt`)"),
+    _S("tls_cert_file", None, checks.optional(checks.controller_path),
+       "your own certificate (PEM, chain included) instead of the CA's"),
+    _S("tls_key_file", None, checks.optional(checks.controller_path), "its private key (PEM)"),
+    _S("proxy_timeout", 1800, checks.integer(10, 86400, example=1800),
+       "seconds a streamed answer may take through the front door"),
     # Images
     _S("localai_image", "localai/localai:v4.9.0", checks.image, "pinned tag, any registry"),
     _S("chatbot_ui_image", "ghcr.io/mckaywrigley/chatbot-ui:main", checks.image, "pinned tag, any registry"),
     _S("textgen_image", "atinoda/text-generation-webui:default-cpu", checks.image, "pinned tag, any registry"),
     _S("llamacpp_image", "ghcr.io/ggml-org/llama.cpp:server-b11206", checks.image, "pinned tag, any registry"),
+    _S("frontdoor_image", "nginx:1.30.4", checks.image, "pinned tag, any registry (nginx stable)"),
     _S("image_archives", [], checks.image_archives,
        "`docker save` tarballs on the controller, `docker load`ed on hosts that lack them"),
     # Secrets (the values themselves never enter host data: see backchat/secrets.py)
@@ -181,6 +192,14 @@ def _cross_checks(values: dict[str, Any]) -> list[str]:
         if values[name] in seen:
             problems.append(f"{name} = {values[name]} is also {seen[values[name]]}. Fix: give each service its own port.")
         seen[values[name]] = name
+    if bool(values["tls_cert_file"]) != bool(values["tls_key_file"]):
+        problems.append(
+            "tls_cert_file and tls_key_file go together. Fix: set both (your certificate and its "
+            "key), or neither (the controller's CA signs one)."
+        )
+    for name in ("tls_cert_file", "tls_key_file"):
+        if values[name] and not checks.is_file(values[name]):
+            problems.append(f"{name} = {values[name]!r} is not a file on the controller. Fix: point it at the PEM file.")
     if values["model_source"] == "mirror" and not values["model_mirror_url"]:
         problems.append(
             "model_source = 'mirror' needs model_mirror_url. Fix: set model_mirror_url to the "

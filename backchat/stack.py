@@ -14,7 +14,7 @@ from pyinfra import host
 from pyinfra.api import QuoteString, StringCommand, operation
 from pyinfra.operations import files, server
 
-from backchat import addresses, images, resources, secrets
+from backchat import addresses, images, resources, secrets, tls
 from backchat.facts import COMPOSE_PROJECT as PROJECT
 from backchat.facts import ComposeStack, DockerImageTags, PhysicalCores
 
@@ -38,19 +38,24 @@ def textgen_args(cfg, threads: int) -> str:
     return " ".join(args)
 
 
-def render(template: str, cfg, threads: int) -> str:
+def render(template: str, cfg, threads: int, **where) -> str:
+    """A template rendered for the compose network; ``where`` replaces what only the
+    network provides (the front door's upstreams, certificate directory, resolver, pid
+    file), so the tests can run the same file beside real servers."""
     # Chatbot UI talks to the chosen backend; with frontend = textgen it isn't started.
     # Rendered here, on the controller, rather than by files.template on the way: the
     # rendered text is what the unit tests check.
-    return resources.render(
-        template,
-        cfg=cfg,
-        threads=threads,
-        textgen_args=textgen_args(cfg, threads),
-        chat_backend_service=cfg.backend,
-        chat_api_host=addresses.internal_api_url(cfg.backend),
-        ports=addresses.CONTAINER_PORTS,
-    )
+    values = {
+        "textgen_args": textgen_args(cfg, threads),
+        "chat_backend_service": cfg.backend,
+        "chat_api_host": addresses.internal_api_url(cfg.backend),
+        "ports": addresses.CONTAINER_PORTS,
+        "doors": addresses.doors(cfg),
+        "tls_dir": tls.CONTAINER_DIR,
+        "docker_dns": True,
+        "pid_file": "/run/nginx.pid",
+    }
+    return resources.render(template, cfg=cfg, threads=threads, **{**values, **where})
 
 
 def env_lines(cfg) -> tuple:
@@ -71,7 +76,30 @@ def rendered_files(cfg, threads: int) -> dict[str, tuple[str, str]]:
             render("localai-model.yaml.j2", cfg, threads),
             "0644",
         )
+    if addresses.behind_front_door(cfg):
+        result[f"{cfg.stack_dir}/frontdoor.conf"] = (render("frontdoor.conf.j2", cfg, threads), "0644")
     return result
+
+
+def certificate_names(cfg) -> list[str]:
+    """What the front door's certificate must name: what browsers and the controller call
+    the host (its public address, inventory name and SSH address)."""
+    names = [addresses.public_address(cfg), host.name, host.data.get("ssh_hostname") or ""]
+    return [name for name in names if name and not name.startswith("@")] + (
+        ["127.0.0.1", "localhost"] if host.name.startswith("@") else []
+    )
+
+
+def write_certificate(cfg) -> bool:
+    """The front door's certificate and key (0600) in ``stack_dir/tls``: did either change?"""
+    certificate = tls.host_certificate(cfg, host.name, certificate_names(cfg))
+    directory = f"{cfg.stack_dir}/tls"
+    files.directory(name="Create the front door's certificate directory", path=directory, mode="0700")
+    cert = files.put(name=f"Write tls/{tls.CERT_FILE}", src=io.StringIO(certificate.cert_pem),
+                     dest=f"{directory}/{tls.CERT_FILE}", mode="0644")
+    key = secrets.secret_file(name=f"Write tls/{tls.KEY_FILE} (0600)", dest=f"{directory}/{tls.KEY_FILE}",
+                              lines=(certificate.key_pem,))
+    return cert.will_change or key.will_change
 
 
 def tune() -> dict:
@@ -92,6 +120,7 @@ def write_and_start(cfg, threads: int) -> None:
             mode=mode,
         )
         changed[path] = put.will_change
+    door_changed = addresses.behind_front_door(cfg) and write_certificate(cfg)
 
     if not cfg.start:
         host.noop("start = False: the stack is written but not started")
@@ -100,10 +129,12 @@ def write_and_start(cfg, threads: int) -> None:
     compose_up(
         name="Start the stack (docker compose up -d)",
         project_dir=cfg.stack_dir,
-        services=list(cfg.services),
-        files_changed=any(changed.values()),
-        # LocalAI reads its model config at start; compose cannot see that file change.
-        restart=["localai"] if changed.get(f"{cfg.models_dir}/{cfg.model_id}.yaml") else [],
+        services=list(cfg.services) + (["frontdoor"] if addresses.behind_front_door(cfg) else []),
+        files_changed=any(changed.values()) or door_changed,
+        # LocalAI reads its model config at start, nginx its config and certificate;
+        # compose cannot see those files change.
+        restart=(["localai"] if changed.get(f"{cfg.models_dir}/{cfg.model_id}.yaml") else [])
+        + (["frontdoor"] if door_changed or changed.get(f"{cfg.stack_dir}/frontdoor.conf") else []),
     )
 
 

@@ -1,8 +1,12 @@
-"""Step 6: from the controller, every running backend lists the model in /v1/models.
+"""Step 6: from the controller, every running backend lists the model in /v1/models, and
+the GUI the user opens sees it.
 
 What a user would poke by hand, with backoff until ``verify_timeout``, and a failure that
 names its likely cause. Runs at execution time as an operation that changes nothing when
 the check passes and fails only its own host when it does not.
+
+A backend can serve the model while the GUI cannot: Chatbot UI with a wrong key shows only
+"Error fetching models ... 500". So the GUI is asked too, the way its page asks it.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from pyinfra import host, logger
 from pyinfra.api import FunctionCommand, operation
 from pyinfra.context import state as current_state
 
-from backchat import outcomes
+from backchat import outcomes, tls
 from backchat.addresses import api_urls, connect_address, gui_url, public_address
 from backchat.probes import Answer, ControllerProbe, HostProbe, Unreachable
 
@@ -81,26 +85,78 @@ def wait_for_model(
     ``on_wait`` hears about the wait every ``every`` seconds: a backend loading a 7B model
     on a CPU can take minutes, and silence would look like a hang.
     """
+
+    def attempt() -> tuple[bool, str, list[str]]:
+        try:
+            answer = probe.request("GET", f"{base_url}/v1/models")
+        except Unreachable as error:
+            return _diagnose(None, error, model_id)
+        return _diagnose(answer, None, model_id)
+
+    return _poll(service, base_url, attempt, timeout, on_wait, every)
+
+
+def _poll(service: str, url: str, attempt, timeout: float, on_wait, every: float) -> Result:
+    """``attempt()`` -> (ok, why not, ids seen), retried with backoff until ok or ``timeout``."""
     start = time.monotonic()
     next_note = start + every
     delay = 1.0
     while True:
-        answer = error = None
-        try:
-            answer = probe.request("GET", f"{base_url}/v1/models")
-        except Unreachable as exc:
-            error = exc
-        ok, detail, ids = _diagnose(answer, error, model_id)
+        ok, detail, ids = attempt()
         elapsed = time.monotonic() - start
         if ok:
-            return Result(service, base_url, True, round(elapsed, 1), ids)
+            return Result(service, url, True, round(elapsed, 1), ids)
         if elapsed + delay > timeout:
-            return Result(service, base_url, False, round(elapsed, 1), ids, f"{detail} (gave up after {elapsed:.0f}s)")
+            return Result(service, url, False, round(elapsed, 1), ids, f"{detail} (gave up after {elapsed:.0f}s)")
         if on_wait and time.monotonic() >= next_note:
             on_wait(f"still waiting for {service} ({elapsed:.0f}s of {timeout:.0f}s): {detail}")
             next_note += every
         time.sleep(delay)
         delay = min(delay * 2, 15.0)
+
+
+# How each GUI's page learns the models: Chatbot UI's browser code POSTs {key} to its own
+# /api/models, which asks the backend server-side with OPENAI_API_KEY and keeps only
+# OpenAI model ids (a backend that refuses the key becomes a 500 there). Text Gen WebUI's
+# GUI runs in the same process as its API: its page answering is enough.
+GUI_SERVICES = {"chatbot-ui": "chatbot-ui", "textgen": "textgen-gui"}
+
+
+def _gui_models(answer: Answer | None, error: Unreachable | None, frontend: str, model_id: str):
+    """(GUI sees the model?, likely cause, ids the GUI shows) for one attempt."""
+    if error is not None:
+        return False, f"the GUI did not answer: {error}", []
+    assert answer is not None
+    if frontend != "chatbot-ui":
+        return (True, "", []) if answer.status == 200 else (False, f"the GUI answered HTTP {answer.status}", [])
+    if answer.status == 500:
+        return False, ("Chatbot UI could not list its backend's models (HTTP 500: the backend refused its "
+                       "key, or Chatbot UI cannot reach it; users see \"Error fetching models\")"), []
+    if answer.status != 200:
+        return False, f"Chatbot UI's /api/models answered HTTP {answer.status}", []
+    try:
+        ids = [item.get("id") for item in answer.json()]
+    except (ValueError, AttributeError, TypeError):
+        return False, "Chatbot UI's /api/models did not answer a model list", []
+    if model_id in ids:
+        return True, "", ids
+    return False, f"Chatbot UI offers {ids or 'no model'}, not {model_id!r}", ids
+
+
+def wait_for_gui(cfg, gui: str, probe, on_wait: Callable[[str], None] | None = None, every: float = 30.0) -> Result:
+    """Poll the GUI the way its page does until it shows ``model_id``, or time is up."""
+
+    def attempt() -> tuple[bool, str, list[str]]:
+        try:
+            if cfg.frontend == "chatbot-ui":
+                answer = probe.request("POST", f"{gui}/api/models", with_key=False, body={"key": ""})
+            else:
+                answer = probe.request("GET", f"{gui}/", with_key=False)
+        except Unreachable as error:
+            return _gui_models(None, error, cfg.frontend, cfg.model_id)
+        return _gui_models(answer, None, cfg.frontend, cfg.model_id)
+
+    return _poll(GUI_SERVICES[cfg.frontend], gui, attempt, cfg.verify_timeout, on_wait, every)
 
 
 # /v1/models lists a model before (Text Gen WebUI: even when) loading fails; these answer
@@ -173,6 +229,8 @@ def check_all(cfg, address: str, probe, on_wait: Callable[[str], None] | None = 
             except (Unreachable, ValueError, KeyError, IndexError, TypeError) as error:
                 result.ok, result.detail = False, f"chat failed: {error.__class__.__name__}: {error}"
         results.append(result)
+    if all(result.ok for result in results):  # a GUI over a broken backend says nothing new
+        results.append(wait_for_gui(cfg, gui_url(cfg, address), probe, on_wait))
     return results
 
 
@@ -181,12 +239,13 @@ def probe_for(cfg, checked_host):
     remote = not checked_host.name.startswith("@") or checked_host.data.get("ssh_hostname")
     if remote and ipaddress.ip_address(cfg.bind_address).is_loopback:
         return HostProbe(checked_host, f"{cfg.stack_dir}/.env"), "127.0.0.1"
-    return ControllerProbe(cfg.api_key), connect_address(checked_host)
+    return ControllerProbe(cfg.api_key, tls.trust(cfg)), connect_address(checked_host)
 
 
 def _report_results(state, host, cfg, results: list[Result]) -> bool:
     for result in results:
-        line = f"{result.service} {result.url}/v1/models: " + (
+        where = "" if result.service in GUI_SERVICES.values() else "/v1/models"
+        line = f"{result.service} {result.url}{where}: " + (
             f"lists {cfg.model_id} ({result.seconds}s)" if result.ok else result.detail
         )
         host.log_styled(line, fg="green" if result.ok else "red", log_func=logger.info if result.ok else logger.error)
@@ -217,7 +276,8 @@ def backends(cfg):
     probe, address = probe_for(cfg, host)
     if not current_state.is_executing:
         where = " (from the host: the services listen on its loopback)" if isinstance(probe, HostProbe) else ""
-        host.noop(f"will check /v1/models on {', '.join(api_urls(cfg, address).values())}{where}")
+        host.noop(f"will check /v1/models on {', '.join(api_urls(cfg, address).values())} "
+                  f"and the GUI at {gui_url(cfg, address)}{where}")
         return
 
     started = time.monotonic()
@@ -232,7 +292,7 @@ def backends(cfg):
     )
     if ok:
         _report_results(None, host, cfg, results)
-        host.noop(f"every backend lists {cfg.model_id}")
+        host.noop(f"every backend and the GUI list {cfg.model_id}")
         return
     # Failing needs a command; it only runs when the check failed, so a passing re-run
     # still reports no change.

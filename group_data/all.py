@@ -76,12 +76,28 @@
 # textgen_port = 7860
 # textgen_api_port = 5001
 
+# --- The HTTPS front door -------------------------------------------------------
+# nginx terminates TLS on every published port (the services behind it publish none),
+# unless bind_address is loopback. Browsers block an http:// iframe in an https://
+# Backstage page, so leave it on for anything users reach over the network.
+# tls = True
+# The controller's CA: made once, reused, never printed. Trust its ca.crt in browsers
+# and in Backstage's backend (NODE_EXTRA_CA_CERTS).
+# tls_ca_dir = '~/.config/backchat/ca'
+# Your own certificate and key instead (PEM files on the controller; both or neither).
+# tls_cert_file = None
+# tls_key_file = None
+# Seconds a streamed answer may take through the door (a 7B model on CPU is slow).
+# proxy_timeout = 1800
+
 # --- Images (pinned; point them at a private registry for air-gapped labs) -------
 # localai_image = 'localai/localai:v4.9.0'
 # chatbot_ui_image = 'ghcr.io/mckaywrigley/chatbot-ui:main'
 # textgen_image = 'atinoda/text-generation-webui:default-cpu'
 # llama.cpp's build-numbered tag (its default port is changing; the compose file sets it).
 # llamacpp_image = 'ghcr.io/ggml-org/llama.cpp:server-b11206'
+# The front door: nginx's stable line (the official image, Debian-based, with curl).
+# frontdoor_image = 'nginx:1.30.4'
 # Image tarballs on the controller (docker save ...) to `docker load` on hosts with no
 # registry access. Their tags must match the image settings above.
 # image_archives = []

@@ -234,10 +234,12 @@ def _configure_root(root: Path, public_key: str) -> None:
 # --------------------------------------------------------------------------- llama image
 
 
-LLAMA_IMAGE_PACKAGES = ("curl",)
+# curl: the compose healthcheck; python3: the Chatbot UI stand-in (testbed/chatbot_ui_standin.py);
+# nginx: the front door (Debian's, standing in for the official image).
+LLAMA_IMAGE_PACKAGES = ("curl", "python3", "nginx")
 # Translations and docs: a quarter of the root, and `docker import` in a TCG guest is slow.
 LLAMA_IMAGE_EXCLUDES = ("./usr/share/locale/*", "./usr/share/doc/*", "./usr/share/man/*", "./usr/share/info/*")
-LLAMA_IMAGE_RECIPE_VERSION = 2
+LLAMA_IMAGE_RECIPE_VERSION = 4
 
 
 def llama_image_tar_path() -> Path:

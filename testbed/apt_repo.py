@@ -39,7 +39,7 @@ from testbed.sandbox import CACHE, GATEWAY, MIRROR, SandboxHost, debian_root, fl
 BUILD_CACHE = CACHE / "docker-repo"
 ARCH = "amd64"
 # Bump when the build below changes: it is part of the cache key.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 # Debian's name -> Docker's, for the dependencies of what we rebuild.
 DOCKER_NAMES = {"docker.io": "docker-ce", "docker-cli": "docker-ce-cli", "containerd": "containerd.io", "runc": "containerd.io"}
 # Bookworm's docker.io holds the CLI too: these files go to docker-ce-cli instead.
@@ -156,7 +156,8 @@ def rebuild(name: str, suite: str, parts: list[tuple[str, Path]], into: Path) ->
             kept = [line for line in conffiles.read_text().splitlines() if (tree / line.lstrip("/")).exists()]
             conffiles.write_text("".join(f"{line}\n" for line in kept)) if kept else conffiles.unlink()
         carried = sorted({control["Package"] for control in controls})
-        depends, provides = _depends(name, controls), ", ".join(carried)
+        # Like Docker's: only containerd.io stands in for others (containerd, runc) to apt.
+        depends, provides = _depends(name, controls), ", ".join(carried) if name == "containerd.io" else ""
         if name == "docker-ce-cli" and suite == "bookworm":  # one file of docker.io: none of its duties
             for script in ("preinst", "postinst", "prerm", "postrm"):
                 (tree / "DEBIAN" / script).unlink(missing_ok=True)
@@ -306,3 +307,32 @@ def docker_repo(hosts: list[SandboxHost], workdir: Path, bind: str = GATEWAY) ->
         for host in hosts:
             reach_directly(host, bind)
         yield DockerRepo(f"http://{bind}:{server.server_address[1]}/linux", key.fingerprint, key.armored, requests)
+
+
+@contextlib.contextmanager
+def key_only_mirror(key: str, bind: str = "127.0.0.1") -> Iterator[tuple[str, list[str]]]:
+    """Only the keys of Docker's layout (``<url>/debian/gpg``, ``<url>/ubuntu/gpg``), for runs
+    that plan or check the key and install nothing; yields (docker_repo_url, paths asked)."""
+    asked: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            found = self.path in ("/linux/debian/gpg", "/linux/ubuntu/gpg")
+            body = key.encode() if found else b"not found\n"
+            self.send_response(200 if found else 404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, fmt: str, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer((bind, 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="key-mirror", daemon=True).start()
+    try:
+        yield f"http://{bind}:{server.server_address[1]}/linux", asked
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -1,12 +1,10 @@
 """Step 1's decisions: the repo key against its pin (fetched once per run), what to remove."""
 
-import http.server
-import threading
-
 import pytest
 
 from backchat import docker
 from tests.cfg import make_cfg
+from testbed.apt_repo import key_only_mirror
 from tests.test_openpgp import KEY_A, KEY_A_FINGERPRINT, KEY_B_FINGERPRINT, KEYS_A_AND_B
 
 URL = "http://mirror.lab/linux/debian/gpg"
@@ -54,26 +52,10 @@ def test_the_default_pin_is_dockers_release_key():
 
 @pytest.fixture
 def mirror():
-    """A LAN mirror serving KEY_A at <url>/debian/gpg; counts what it is asked."""
-    asked = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            asked.append(self.path)
-            found = self.path == "/linux/debian/gpg"
-            self.send_response(200 if found else 404)
-            self.end_headers()
-            self.wfile.write(KEY_A.encode() if found else b"")
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    """A LAN mirror serving KEY_A as Docker's key; each test starts a fresh run (no fetched keys)."""
     docker._keys.clear()
-    yield f"http://127.0.0.1:{server.server_address[1]}/linux", asked
-    server.shutdown()
-    server.server_close()
+    with key_only_mirror(KEY_A) as served:
+        yield served
     docker._keys.clear()
 
 
@@ -93,5 +75,6 @@ def test_a_mirror_with_another_key_is_refused(mirror):
 
 def test_a_key_the_controller_cannot_fetch_is_refused(mirror):
     url, _ = mirror
-    with pytest.raises(docker.KeyProblem, match="could not fetch the apt signing key .*/ubuntu/gpg from the controller.*404"):
-        docker.trusted_key(make_cfg(docker_repo_url=url, docker_repo_key_fingerprint=KEY_A_FINGERPRINT), "ubuntu")
+    cfg = make_cfg(docker_repo_url=f"{url}/elsewhere", docker_repo_key_fingerprint=KEY_A_FINGERPRINT)
+    with pytest.raises(docker.KeyProblem, match="could not fetch the apt signing key .*/elsewhere/ubuntu/gpg from the controller.*404"):
+        docker.trusted_key(cfg, "ubuntu")

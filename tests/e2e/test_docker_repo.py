@@ -71,7 +71,7 @@ def installed(host, packages) -> set[str]:
 
 def test_source_and_keyring_land_as_apt_expects(first_run, fleet, repo):
     _, run = first_run
-    assert run.returncode == 0, run
+    assert run.returncode == 0, str(run)
     for host in fleet[:2]:
         source = host.run(f"cat /etc/apt/sources.list.d/{docker.SOURCE_FILE}.sources").stdout
         fields = dict(line.split(": ", 1) for line in source.splitlines() if ": " in line)
@@ -91,7 +91,7 @@ def test_source_and_keyring_land_as_apt_expects(first_run, fleet, repo):
 
 def test_docker_is_installed_from_the_repo(first_run, fleet, repo):
     _, run = first_run
-    assert run.returncode == 0, run
+    assert run.returncode == 0, str(run)
     for host in fleet[:2]:
         assert installed(host, docker.DOCKER_CE_PACKAGES) == set(docker.DOCKER_CE_PACKAGES)
         assert re.search(r"Docker version \d+\.", host.run("docker --version").stdout)
@@ -113,9 +113,9 @@ def test_docker_is_installed_from_the_repo(first_run, fleet, repo):
 
 def test_second_run_changes_nothing(first_run, fleet, hub, repo):
     inventory, first = first_run
-    assert first.returncode == 0, first
+    assert first.returncode == 0, str(first)
     again = run_deploy(inventory, *docker_data(hub, repo))
-    assert again.returncode == 0, again
+    assert again.returncode == 0, str(again)
     assert again.changed_ops() == [], again
 
 
@@ -126,7 +126,7 @@ def test_a_key_with_another_fingerprint_is_refused_and_nothing_installed(fleet, 
     inventory = write_inventory(tmp_path / "inventory.py", {host.name: host.pyinfra_data()})
     asked_before = len(repo.requests)
     run = run_deploy(inventory, *docker_data(hub, repo, docker_repo_key_fingerprint=DOCKERS_FINGERPRINT))
-    assert run.returncode != 0, run
+    assert run.returncode != 0, str(run)
     assert f"[{host.name}] Will refuse:" in run.stderr, run
     assert DOCKERS_FINGERPRINT in run.stderr and repo.fingerprint in run.stderr, run
     assert "docker_repo_key_fingerprint" in run.stderr and "Traceback" not in run.stderr, run

@@ -125,7 +125,7 @@ def install(cfg, os_info: dict) -> bool:
     installed = host.get_fact(DebPackages)
     sources_changed = False
 
-    # curl fetches Docker's key and, in step 2, the model (with resume). apt-get update only
+    # curl fetches the model in step 2 (with resume). apt-get update only
     # when something is missing: a fresh image has empty lists, a re-run must change nothing.
     if any(name not in installed for name in [*BASE_PACKAGES, *wanted]):
         apt.update(name="Update apt lists")

@@ -46,6 +46,8 @@ _ORIGIN = re.compile(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?|https?://\[[0-9A-Fa
 _USER = re.compile(r"[a-z_][a-z0-9_-]{0,31}")
 # An inventory name as pyinfra takes it: an SSH name, an address, or @local, @vagrant/box.
 _INVENTORY_NAME = re.compile(r"@?[A-Za-z0-9][A-Za-z0-9._:/@-]{0,252}")
+# An OpenPGP v4 fingerprint: 40 hex digits, run together or in gpg's groups of four.
+_FINGERPRINT = re.compile(r"[0-9A-Fa-f]{40}|[0-9A-Fa-f]{4}(?: {1,2}[0-9A-Fa-f]{4}){9}")
 _INTEGER = re.compile(r"-?[0-9]+")
 
 # Directories the deploy must never own: it would re-mode them, and others can write there
@@ -130,6 +132,30 @@ def _path(value: Any) -> str:
 
 def sha256(value: Any) -> str | None:
     return None if value is None else pattern(_SHA256, "64 lower-case hex digits", "the file's sha256, or null")(value)
+
+
+def repo_url(value: Any) -> str:
+    """An apt repository's base URL (http or https, no query or credentials); no trailing slash."""
+    example = "https://download.docker.com/linux"
+    text = pattern(_URL, "an http(s) URL", example)(value)
+    try:
+        parsed = urlsplit(text)
+        port_ok = bool(parsed.hostname) and parsed.port != 0
+    except ValueError:  # a port that is not a number, or above 65535
+        port_ok = False
+    if not port_ok:
+        raise Invalid("is not an http(s) URL with a host and a valid port", f"use something like {example}")
+    return text.rstrip("/")
+
+
+def fingerprint(value: Any) -> str:
+    """An OpenPGP v4 key fingerprint, as 40 upper-case hex digits."""
+    example = "9DC858229FC7DD38854AE2D88D81803C0EBFCD88"
+    text = _string(value, "a key fingerprint", example)
+    if not _FINGERPRINT.fullmatch(text):
+        raise Invalid("is not an OpenPGP key fingerprint (40 hex digits)",
+                      f"use the fpr gpg --show-keys --with-colons prints, e.g. {example}")
+    return text.replace(" ", "").upper()
 
 
 def origin(value: Any) -> str:

@@ -32,7 +32,8 @@ def deploy_backchat():
         os_info = preflight.check(cfg)  # unsupported hosts are refused, one by one
         if not os_info:
             return
-        docker.install(cfg, os_info)  # 1. Docker Engine + compose v2
+        if not docker.install(cfg, os_info):  # 1. Docker Engine + compose v2, repo key pinned
+            return
         if not model.fetch(cfg):  # 2. the model: pinned, resumable, verified once
             return
         threads = stack.thread_count(cfg, stack.tune())  # 3. threads = physical cores

@@ -1,12 +1,25 @@
-"""Step 1: Docker Engine and the compose v2 plugin, from Docker's repo or the distribution's."""
+"""Step 1: Docker Engine and the compose v2 plugin, from Docker's repo or the distribution's.
+
+Docker's repo (or a mirror with its layout, ``docker_repo_url``) is trusted only through
+its pinned signing key: the controller fetches ``<url>/<debian|ubuntu>/gpg`` once per run
+and checks that it holds exactly one primary key, ``docker_repo_key_fingerprint``. Any
+other key refuses the host while planning, so nothing is installed there (no keyring, no
+source, no package). The bytes checked are the bytes pushed to the host's keyring.
+"""
 
 from __future__ import annotations
+
+import io
+import threading
 
 from pyinfra import host
 from pyinfra.facts.deb import DebPackages
 from pyinfra.operations import apt, files, server, systemd
 
+from backchat import openpgp, outcomes
+
 KEYRING = "/etc/apt/keyrings/docker.asc"
+SOURCE_FILE = "docker"  # /etc/apt/sources.list.d/docker.sources
 BASE_PACKAGES = ["ca-certificates", "curl"]
 DOCKER_CE_PACKAGES = [
     "docker-ce",
@@ -31,40 +44,117 @@ def packages_for(source: str, os_id: str) -> list[str]:
     return DOCKER_CE_PACKAGES if source == "docker" else DISTRIBUTION_PACKAGES[os_id]
 
 
-def install(cfg, os_info: dict) -> None:
-    """Docker Engine + compose v2, enabled at boot when the host runs services."""
+def conflicting(installed: dict) -> list[str]:
+    """The conflicting packages this host really has installed (none: nothing to remove)."""
+    return [name for name in CONFLICTING_PACKAGES if name in installed]
+
+
+class KeyProblem(Exception):
+    """The repo's signing key cannot be trusted or fetched: what, where, and the fix."""
+
+
+def key_problem(text: str, url: str, expected: str) -> str | None:
+    """Why the key served at ``url`` is not the pinned one, or None when it is."""
+    fix = (
+        "Fix: if docker_repo_url is a mirror that signs with its own key, set "
+        "docker_repo_key_fingerprint to that key's fingerprint; otherwise find out what serves this URL"
+    )
+    try:
+        found = openpgp.primary_fingerprints(text)
+    except openpgp.NotAKey as why:
+        return f"the signing key at {url} is unusable: {why}. Nothing was installed. {fix}"
+    if found != [expected]:
+        return (
+            f"the signing key at {url} has fingerprint {', '.join(found)}, but "
+            f"docker_repo_key_fingerprint expects {expected}. Nothing was installed. {fix}"
+        )
+    return None
+
+
+# pyinfra plans each host in its own greenlet: the lock makes a fleet fetch each key once.
+_key_lock = threading.Lock()
+_keys: dict[str, str | KeyProblem] = {}
+
+
+def fetch_key(url: str) -> str:
+    """The key at ``url``, fetched by the controller once per run (httpx, redirects followed)."""
+    with _key_lock:
+        if url not in _keys:
+            from backchat.http import httpx  # imported late: see backchat/http.py
+
+            try:
+                answer = httpx.get(url, follow_redirects=True, timeout=30.0)
+                answer.raise_for_status()
+                # Armor is ASCII: anything else fails the fingerprint check as "not one block".
+                _keys[url] = answer.content.decode("ascii", errors="replace")
+            except httpx.HTTPError as error:
+                _keys[url] = KeyProblem(
+                    f"could not fetch the apt signing key {url} from the controller: {error}. Nothing "
+                    "was installed. Fix: make docker_repo_url reachable from the controller (it "
+                    "checks the key before any host trusts it), or use docker_source = 'debian' (not on Debian 12)"
+                )
+    found = _keys[url]
+    if isinstance(found, KeyProblem):
+        raise found
+    return found
+
+
+def trusted_key(cfg, os_id: str) -> str:
+    """The repo's armored key, checked against the pin; raises KeyProblem otherwise."""
+    url = f"{cfg.docker_repo_url}/{os_id}/gpg"
+    text = fetch_key(url)
+    problem = key_problem(text, url, cfg.docker_repo_key_fingerprint)
+    if problem:
+        raise KeyProblem(problem)
+    return text
+
+
+def install(cfg, os_info: dict) -> bool:
+    """Docker Engine + compose v2, enabled at boot when the host runs services.
+
+    False: the host was refused (its repo key is not the pinned one); nothing is queued.
+    """
+    key = None
+    if cfg.docker_source == "docker":
+        try:
+            key = trusted_key(cfg, os_info["id"])
+        except KeyProblem as problem:
+            outcomes.refuse_host(str(problem))
+            return False
     wanted = packages_for(cfg.docker_source, os_info["id"])
     installed = host.get_fact(DebPackages)
     sources_changed = False
 
-    # curl fetches Docker's key and, in step 2, the model (with resume). apt-get update only
+    # curl fetches the model in step 2 (with resume). apt-get update only
     # when something is missing: a fresh image has empty lists, a re-run must change nothing.
     if any(name not in installed for name in [*BASE_PACKAGES, *wanted]):
         apt.update(name="Update apt lists")
     apt.packages(name="Install curl and CA certificates", packages=BASE_PACKAGES)
-    if cfg.docker_source == "docker":
+    if key is not None:
         apt.packages(
             name="Remove packages that conflict with Docker's",
-            packages=[name for name in CONFLICTING_PACKAGES if name in installed],
+            packages=conflicting(installed),
             present=False,
         )
         files.directory(name="Create the apt keyrings directory", path="/etc/apt/keyrings", mode="0755")
-        key = files.download(
-            name="Fetch Docker's apt signing key",
-            src=f"https://download.docker.com/linux/{os_info['id']}/gpg",
+        keyring = files.put(
+            name="Install Docker's apt signing key (fingerprint checked)",
+            src=io.BytesIO(key.encode()),
             dest=KEYRING,
+            user="root",
+            group="root",
             mode="0644",
         )
         source = apt.sources_file(
             name="Add Docker's apt repository",
-            filename="docker",
-            uris=f"https://download.docker.com/linux/{os_info['id']}",
+            filename=SOURCE_FILE,
+            uris=f"{cfg.docker_repo_url}/{os_info['id']}",
             suites=os_info["codename"],
             components="stable",
             architectures=os_info["arch"],
             signed_by=KEYRING,
         )
-        sources_changed = key.will_change or source.will_change
+        sources_changed = keyring.will_change or source.will_change
 
     if sources_changed:
         apt.update(name="Update apt lists with Docker's repository")
@@ -75,3 +165,4 @@ def install(cfg, os_info: dict) -> None:
 
     if cfg.start:
         systemd.service(name="Run Docker now and at boot", service="docker", running=True, enabled=True)
+    return True

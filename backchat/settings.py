@@ -50,6 +50,12 @@ SETTINGS: tuple[Setting, ...] = (
     # Docker
     _S("docker_source", "docker", checks.choice(DOCKER_SOURCES),
        "`docker` (Docker's repo) or `debian` (distribution packages; not Debian 12)"),
+    _S("docker_repo_url", "https://download.docker.com/linux", checks.repo_url,
+       "Docker's apt repo, or a mirror with its layout (`<url>/debian`, `<url>/ubuntu`)"),
+    # Docker's release key, "Docker Release (CE deb) <docker@docker.com>", as published in
+    # Docker's install docs: the key at <docker_repo_url>/<debian|ubuntu>/gpg must be this one.
+    _S("docker_repo_key_fingerprint", "9DC858229FC7DD38854AE2D88D81803C0EBFCD88", checks.fingerprint,
+       "the repo's signing key must have it (a mirror re-signing: its own key's)"),
     _S("docker_users", [], checks.users, "users added to the `docker` group"),
     # The model
     _S("model_repo", "TheBloke/Mistral-7B-OpenOrca-GGUF", checks.hf_repo, "the GGUF's repo on the Hub",

@@ -20,6 +20,14 @@
 # "debian": the distribution's docker.io + compose v2 (Debian 13, Ubuntu); for mirrors
 # and air-gapped labs. Debian 12 only packages compose v1 and is refused.
 # docker_source = 'docker'
+# Docker's apt repository, or a mirror/proxy with Docker's layout (<url>/debian and
+# <url>/ubuntu, each with dists/<codename>/stable and gpg, the signing key).
+# docker_repo_url = 'https://download.docker.com/linux'
+# The controller fetches <docker_repo_url>/<debian|ubuntu>/gpg and refuses the host
+# (nothing installed) unless it is exactly one key with this fingerprint. This one is
+# Docker's release key ("Docker Release (CE deb) <docker@docker.com>"); a mirror that
+# re-signs with its own key needs that key's fingerprint (gpg --show-keys FILE).
+# docker_repo_key_fingerprint = '9DC858229FC7DD38854AE2D88D81803C0EBFCD88'
 # Existing users added to the docker group (they can then run docker without sudo).
 # docker_users = []
 

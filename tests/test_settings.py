@@ -42,6 +42,15 @@ def test_declared_defaults_are_valid(defaults):
         ("model_sha256", "abc", ["model_sha256", "64"]),
         ("hf_endpoint", "ftp://mirror", ["hf_endpoint", "http"]),
         ("docker_source", "snap", ["docker_source", "docker, debian"]),
+        ("docker_repo_url", "ftp://mirror.lab/linux", ["docker_repo_url", "http(s) URL", "download.docker.com"]),
+        ("docker_repo_url", "https://download.docker.com/linux\n", ["docker_repo_url", "http(s) URL"]),
+        ("docker_repo_url", "http://mirror.lab:99999/linux", ["docker_repo_url", "valid port"]),
+        ("docker_repo_url", "http://user:pass@mirror.lab/linux", ["docker_repo_url", "http(s) URL"]),
+        ("docker_repo_url", "https://x/linux deb http://evil/", ["docker_repo_url"]),
+        ("docker_repo_key_fingerprint", "0EBFCD88", ["docker_repo_key_fingerprint", "40 hex digits", "--with-colons"]),
+        ("docker_repo_key_fingerprint", "9DC858229FC7DD38854AE2D88D81803C0EBFCD88\n", ["docker_repo_key_fingerprint"]),
+        ("docker_repo_key_fingerprint", "9DC858229FC7DD38854AE2D88D81803C0EBFCD8G", ["docker_repo_key_fingerprint"]),
+        ("docker_repo_key_fingerprint", None, ["docker_repo_key_fingerprint", "a key fingerprint"]),
         ("docker_users", ["root; id"], ["docker_users"]),
         # Classes of input found to slip through or crash (issue 12).
         ("model_id", "gpt-3.5-turbo\n", ["model_id", "model name"]),
@@ -81,6 +90,14 @@ def test_all_problems_in_one_message(defaults):
     defaults.update(backend="nope", threads=0, model_file="a b")
     message = str(pytest.raises(SettingsError, validate, defaults).value)
     assert "backend" in message and "threads" in message and "model_file" in message
+
+
+def test_repo_url_and_fingerprint_are_normalised(defaults):
+    defaults.update(docker_repo_url="http://10.0.0.5:8080/docker/linux/",
+                    docker_repo_key_fingerprint="9dc8 5822 9fc7 dd38 854a  e2d8 8d81 803c 0ebf cd88")
+    cfg = validate(defaults)
+    assert cfg.docker_repo_url == "http://10.0.0.5:8080/docker/linux", "no // before /debian"
+    assert cfg.docker_repo_key_fingerprint == "9DC858229FC7DD38854AE2D88D81803C0EBFCD88"
 
 
 def test_command_line_strings_are_coerced(defaults):

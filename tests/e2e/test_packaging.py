@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from testbed.apt_repo import key_only_mirror
 from testbed.hub import FakeHub
 from testbed.tiny_gguf import write_tiny_gguf
+from tests.test_openpgp import KEY_A, KEY_A_FINGERPRINT
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -68,9 +70,11 @@ def test_a_dry_deploy_from_an_unrelated_project(installed, tmp_path):
     assert "site-packages" in where and str(ROOT) not in where
 
     model = write_tiny_gguf(tmp_path / "tiny.gguf")
-    with FakeHub() as hub:
+    # Docker's repo as a mirror holding only its key: the controller checks the key even
+    # in a dry run, and these tests reach no server but PyPI.
+    with FakeHub() as hub, key_only_mirror(KEY_A) as (docker_repo_url, _):
         hub.add_file("test/tiny-GGUF", "tiny.gguf", model)
-        common = textwrap.dedent("""\
+        common = textwrap.dedent(f"""\
             model_repo = "test/tiny-GGUF"
             model_file = "tiny.gguf"
             model_revision = "main"
@@ -78,6 +82,8 @@ def test_a_dry_deploy_from_an_unrelated_project(installed, tmp_path):
             start = False
             stack_dir = "/opt/backchat-packaging-test"
             models_dir = "/opt/backchat-packaging-test/models"
+            docker_repo_url = "{docker_repo_url}"
+            docker_repo_key_fingerprint = "{KEY_A_FINGERPRINT}"
         """)
         planned = dry_run(python, write_project(tmp_path / "plain", common + "min_memory_mb = 0\n"), hub.endpoint())
         assert planned.returncode == 0, planned.stderr

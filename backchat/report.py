@@ -80,6 +80,11 @@ def format_table(entries: list[dict]) -> str:
             f"  Backstage reads {configs} only when started without --config (yarn start); "
             "a production backend (create-app's Dockerfile) needs --config app-config.local.yaml added last."
         )
+    trusted = sorted({entry["trust"] for entry in entries if entry.get("trust") and not entry.get("failure")})
+    if trusted:
+        lines.append(
+            f"  HTTPS: browsers, and Backstage's backend (NODE_EXTRA_CA_CERTS), must trust {', '.join(trusted)}."
+        )
     if any(entry.get("backstage_env") for entry in written):
         lines.append(
             "  Backstage's proxy adds the API key from BACKCHAT_API_KEY: set it in the Backstage backend's "

@@ -14,7 +14,7 @@ from pyinfra import host
 from pyinfra.api import QuoteString, StringCommand, operation
 from pyinfra.operations import files, server
 
-from backchat import addresses, images, resources, secrets, tls
+from backchat import addresses, images, outcomes, resources, secrets, tls
 from backchat.facts import COMPOSE_PROJECT as PROJECT
 from backchat.facts import ComposeStack, DockerImageTags, PhysicalCores
 
@@ -93,6 +93,7 @@ def certificate_names(cfg) -> list[str]:
 def write_certificate(cfg) -> bool:
     """The front door's certificate and key (0600) in ``stack_dir/tls``: did either change?"""
     certificate = tls.host_certificate(cfg, host.name, certificate_names(cfg))
+    outcomes.record(host.name, trust=certificate.trust or "your certificate's issuer")
     directory = f"{cfg.stack_dir}/tls"
     files.directory(name="Create the front door's certificate directory", path=directory, mode="0700")
     cert = files.put(name=f"Write tls/{tls.CERT_FILE}", src=io.StringIO(certificate.cert_pem),

@@ -33,3 +33,11 @@ def test_the_report_says_how_a_production_backstage_loads_our_file():
     rows[0]["backstage_env"] = "BACKCHAT_API_KEY"
     assert "proxy adds the API key from BACKCHAT_API_KEY" in report.format_table(rows)
     assert "without --config" not in report.format_table([{"host": "ai-01", "result": "FAILED", "failure": "x"}])
+
+
+def test_the_report_says_which_ca_to_trust():
+    rows = [{"host": "ai-01", "result": "ok", "trust": "/root/.config/backchat/ca/ca.crt"},
+            {"host": "ai-02", "result": "ok", "trust": "/root/.config/backchat/ca/ca.crt"}]
+    table = report.format_table(rows)
+    assert table.count("must trust /root/.config/backchat/ca/ca.crt") == 1, table
+    assert "NODE_EXTRA_CA_CERTS" in table

@@ -99,6 +99,25 @@ def internal_api_url(service: str) -> str:
     return f"http://{internal_address(service)}"
 
 
+# The front door's relay for Chatbot UI (compose network only, never published).
+RELAY_PORT = 8079
+
+
+def chat_relay(cfg) -> dict | None:
+    """Chatbot UI's way to its backend through the front door, which mends the stream
+    (see frontdoor.conf.j2); None when there is no front door or no Chatbot UI."""
+    if not behind_front_door(cfg) or cfg.frontend != "chatbot-ui":
+        return None
+    return {"port": RELAY_PORT, "upstream": internal_address(cfg.backend)}
+
+
+def chat_api_url(cfg) -> str:
+    """What Chatbot UI calls (OPENAI_API_HOST, without /v1): the relay, else the backend."""
+    if chat_relay(cfg):
+        return f"http://frontdoor:{RELAY_PORT}"
+    return internal_api_url(cfg.backend)
+
+
 def doors(cfg) -> list[dict]:
     """The front door's listeners: each published host port, in front of its service."""
     if not behind_front_door(cfg):

@@ -48,7 +48,8 @@ def render(template: str, cfg, threads: int, **where) -> str:
     values = {
         "textgen_args": textgen_args(cfg, threads),
         "chat_backend_service": cfg.backend,
-        "chat_api_host": addresses.internal_api_url(cfg.backend),
+        "chat_api_host": addresses.chat_api_url(cfg),
+        "relay": addresses.chat_relay(cfg),
         "ports": addresses.CONTAINER_PORTS,
         "doors": addresses.doors(cfg),
         "tls_dir": tls.CONTAINER_DIR,

@@ -34,6 +34,7 @@ from cryptography import x509
 
 from backchat import stack, tls
 from backchat.verify import GUI_SYSTEM_PROMPT
+from tests.e2e.test_real_model import chatbot_ui_text, correct_client_text, sse_data
 from testbed import llama_server as ls
 from tests.cfg import make_cfg
 
@@ -63,7 +64,7 @@ def llama(smollm2):
 class FrontDoor:
     """nginx running backchat's frontdoor.conf for one llama.cpp backend."""
 
-    def __init__(self, workdir: Path, upstream: str, **conf_edits: str) -> None:
+    def __init__(self, workdir: Path, upstream: str, relay: bool = False, **conf_edits: str) -> None:
         if not os.access(NGINX, os.X_OK):
             if os.environ.get("BACKCHAT_REQUIRE_REALHOSTS") == "1":
                 pytest.fail("nginx is not installed (Debian package nginx)")
@@ -81,8 +82,10 @@ class FrontDoor:
         (certs / tls.KEY_FILE).write_text(certificate.key_pem.reveal())
         (certs / tls.KEY_FILE).chmod(0o600)
         doors = [{"service": "llamacpp", "port": self.port, "upstream": upstream}]
+        self.relay_port = _free_port()
         conf = stack.render("frontdoor.conf.j2", self.cfg, 1, doors=doors, tls_dir=str(certs),
-                            docker_dns=False, pid_file=str(workdir / "nginx.pid"))
+                            docker_dns=False, pid_file=str(workdir / "nginx.pid"),
+                            relay={"port": self.relay_port, "upstream": upstream} if relay else None)
         for old, new in conf_edits.items():
             assert old in conf, old
             conf = conf.replace(old, new)
@@ -117,26 +120,25 @@ def door(llama, tmp_path_factory):
         yield running
 
 
-def streamed(door: FrontDoor) -> tuple[list[float], str, float]:
-    """A streamed chat completion through the door: when each piece arrived (seconds from
-    the request), the text, and how long the whole answer took."""
+def streamed(door: FrontDoor, base_url: str | None = None) -> tuple[list[float], str, float]:
+    """A streamed chat completion through the door (or ``base_url``): when each piece
+    arrived (seconds from the request), the raw stream, and how long the answer took."""
     body = {"model": "gpt-3.5-turbo", "stream": True, "temperature": 0, "max_tokens": 48,
             "messages": [{"role": "system", "content": GUI_SYSTEM_PROMPT}, {"role": "user", "content": QUESTION}]}
     started = time.monotonic()
     arrivals, raw = [], b""
     with httpx.Client(verify=door.trust, timeout=120) as client:
-        with client.stream("POST", f"{door.url}/v1/chat/completions", json=body,
+        with client.stream("POST", f"{base_url or door.url}/v1/chat/completions", json=body,
                            headers={"Authorization": f"Bearer {KEY}"}) as response:
             assert response.status_code == 200, response.read()
             for piece in response.iter_raw():
                 arrivals.append(time.monotonic() - started)
                 raw += piece
-    text = ""
-    for line in raw.decode().splitlines():
-        if line.startswith("data: ") and line != "data: [DONE]":
-            delta = json.loads(line[6:])["choices"][0].get("delta", {})
-            text += delta.get("content") or ""
-    return arrivals, text, time.monotonic() - started
+    return arrivals, raw.decode(), time.monotonic() - started
+
+
+def answer(raw: str) -> str:
+    return correct_client_text(sse_data(raw))
 
 
 def check_streams(arrivals: list[float], total: float) -> None:
@@ -166,9 +168,9 @@ def test_plain_http_is_refused_and_the_key_is_still_needed(door):
 
 
 def test_a_streamed_answer_arrives_in_pieces_through_the_door(door):
-    arrivals, text, total = streamed(door)
+    arrivals, raw, total = streamed(door)
     check_streams(arrivals, total)
-    assert "Clinton" in text, text
+    assert "Clinton" in answer(raw), raw
 
 
 def test_the_stream_check_fails_when_the_door_buffers(llama, tmp_path):
@@ -177,7 +179,31 @@ def test_the_stream_check_fails_when_the_door_buffers(llama, tmp_path):
     the answer arrives at once."""
     buffering = {"proxy_buffering off;": "proxy_buffering on; proxy_ignore_headers X-Accel-Buffering;"}
     with FrontDoor(tmp_path, f"127.0.0.1:{llama.port}", **buffering) as buffered:
-        arrivals, text, total = streamed(buffered)
+        arrivals, raw, total = streamed(buffered)
     with pytest.raises(AssertionError):
         check_streams(arrivals, total)
-    assert "Clinton" in text, text
+    assert "Clinton" in answer(raw), raw
+
+
+def test_chatbot_ui_reads_no_null_through_the_relay(llama, tmp_path):
+    """Issue 13, defect 6: llama-server's first chunk says ``"content": null`` and Chatbot UI
+    (its stream parsing, transcribed in test_real_model.chatbot_ui_text; the real app cannot
+    be built in CI) shows "null" before the answer. Through the front door's relay, which
+    Chatbot UI's OPENAI_API_HOST points at, the text starts with the answer, still streamed."""
+    _, raw_direct, _ = streamed_plain(llama.url)
+    shown, state = chatbot_ui_text(sse_data(raw_direct))
+    assert shown.startswith("null") and state == "closed", "the defect is real without the relay"
+    with FrontDoor(tmp_path, f"127.0.0.1:{llama.port}", relay=True) as door:
+        arrivals, raw, total = streamed(door, f"http://127.0.0.1:{door.relay_port}")
+    shown, state = chatbot_ui_text(sse_data(raw))
+    assert not shown.startswith("null") and "Clinton" in shown and state == "closed", shown
+    check_streams(arrivals, total)
+
+
+def streamed_plain(base_url: str) -> tuple[list[float], str, float]:
+    """A streamed chat completion straight from the backend (no door)."""
+    return streamed(FrontDoorless(), base_url)
+
+
+class FrontDoorless:
+    trust = True

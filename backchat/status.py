@@ -41,7 +41,7 @@ def containers(cfg, project: dict) -> tuple[list[dict], list[str]]:
     """(one row per service: state, health, image and pinned image; the problems)."""
     if project["docker"] != "ok":
         why = "Docker is not installed" if project["docker"] == "missing" else f"Docker is {project['docker']}"
-        return [], [f"{why}: no container can run"]
+        return [], [f"{why}: {', '.join(cfg.services)} cannot be running"]
     found = {row.get("service"): row for row in project["containers"]}
     rows, problems = [], []
     for service in cfg.services:

@@ -57,7 +57,7 @@ def test_no_containers_is_unhealthy_with_the_reason(cfg):
 
 @pytest.mark.parametrize("docker, words", [("missing", "Docker is not installed"), ("unreachable: Cannot connect", "Docker is unreachable: Cannot connect")])
 def test_docker_not_answering_is_named(cfg, docker, words):
-    assert status.containers(cfg, project(docker=docker)) == ([], [f"{words}: no container can run"])
+    assert status.containers(cfg, project(docker=docker)) == ([], [f"{words}: localai, chatbot-ui cannot be running"])
 
 
 def test_a_stopped_an_unhealthy_and_an_unpinned_container_are_each_named(cfg):

@@ -38,8 +38,10 @@ def stack_paths(cfg) -> list[str]:
 
 
 def models_paths(cfg) -> list[str]:
-    """LocalAI's model config (and, with remove_model, the model, its download and marker)."""
-    model_files = [cfg.model_file, f"{cfg.model_file}.part", model.marker_path(cfg).rsplit("/", 1)[-1]]
+    """LocalAI's model config (and, with remove_model, every file fetch-model.sh writes:
+    the model, its download, its lock, its marker)."""
+    marker = model.marker_path(cfg).rsplit("/", 1)[-1]
+    model_files = [cfg.model_file, *(f"{cfg.model_file}.{end}" for end in ("part", "lock")), marker, f"{marker}.tmp"]
     return [f"{cfg.model_id}.yaml", *(model_files if cfg.remove_model else []), "."]
 
 

@@ -82,7 +82,8 @@ def test_the_paths_are_what_the_deploy_writes():
     removing = uninstall.models_paths(make_cfg(remove_model=True))
     assert removing == [
         "gpt-3.5-turbo.yaml", "mistral-7b-openorca.Q4_K_M.gguf", "mistral-7b-openorca.Q4_K_M.gguf.part",
-        ".mistral-7b-openorca.Q4_K_M.gguf.verified", ".",
+        "mistral-7b-openorca.Q4_K_M.gguf.lock", ".mistral-7b-openorca.Q4_K_M.gguf.verified",
+        ".mistral-7b-openorca.Q4_K_M.gguf.verified.tmp", ".",
     ]
     assert uninstall.backstage_paths(config_gone=False) == [
         "app-config.local.yaml.backchat.bak", "backchat-catalog.yaml", "."

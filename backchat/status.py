@@ -67,6 +67,14 @@ def container_summary(rows: list[dict]) -> str:
     )
 
 
+def image_summary(rows: list[dict]) -> str:
+    return ", ".join(
+        f"{row['service']} {row['image']}" + ("" if row["image"] == row["pinned"] else f" (pinned: {row['pinned']})")
+        for row in rows
+        if row["image"]
+    )
+
+
 def model_problem(cfg, file_state: dict) -> str | None:
     """Why the host's model file is not the verified one (None: it is, as its marker says)."""
     marker = file_state.get("marker") or {}
@@ -123,6 +131,7 @@ def assess(cfg, project: dict, file_state: dict, compose_text: str | None, cores
     entry = {
         "services": rows,
         "containers": container_summary(rows) or "none",
+        "images": image_summary(rows) or "none running",
         "model": f"{cfg.model_file} {'NOT verified' if found_model else 'verified'}",
         "model_path": cfg.model_path,
         "threads": f"{in_use if in_use is not None else '?'} ({cores['physical']} physical cores)",
@@ -157,7 +166,8 @@ def check(cfg):
     entry["models_listed"] = {result.service: result.ok for result in results}
     problems += [f"{result.service} {result.url}/v1/models: {result.detail}" for result in results if not result.ok]
     outcomes.record(host.name, verify="unhealthy" if problems else "healthy", **entry)
-    host.log_styled(f"containers: {entry['containers']}; model: {entry['model']}; threads: {entry['threads']}")
+    for name in ("containers", "images", "model", "threads", "gui_url", "backends", "models_listed"):
+        host.log_styled(f"{name}: {entry[name]}")
     if not problems:
         host.noop(f"healthy: every service runs its pinned image and {cfg.model_id} is listed")
         return

@@ -44,6 +44,9 @@ def test_a_stack_running_its_pinned_images_is_healthy(cfg):
         ("localai", "running", True), ("chatbot-ui", "running", True)
     ]
     assert status.container_summary(rows) == "localai running (healthy), chatbot-ui running"
+    assert status.image_summary(rows) == f"localai {cfg.localai_image}, chatbot-ui {cfg.chatbot_ui_image}"
+    rows[0]["image"] = "localai/localai:latest"
+    assert status.image_summary(rows).startswith(f"localai localai/localai:latest (pinned: {cfg.localai_image}), ")
 
 
 def test_no_containers_is_unhealthy_with_the_reason(cfg):

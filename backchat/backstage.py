@@ -41,6 +41,7 @@ from pyinfra.operations import files
 
 from backchat import outcomes, resources
 from backchat.addresses import api_urls, gui_url, public_address
+from backchat.facts import text_of
 
 CONFIG_FILE = "app-config.local.yaml"
 BASE_CONFIG_FILE = "app-config.yaml"
@@ -242,6 +243,71 @@ def merge(existing: dict | None, ours: dict) -> dict:
     return merged
 
 
+def _our_target(cfg) -> str:
+    return f"{cfg.backstage_app_dir}/{CATALOG_FILE}"
+
+
+def _locations(doc) -> list:
+    catalog = doc.get("catalog") if isinstance(doc, dict) else None
+    locations = catalog.get("locations") if isinstance(catalog, dict) else None
+    return locations if isinstance(locations, list) else []
+
+
+def carries_ours(doc, cfg) -> bool:
+    """Whether a parsed app-config.local.yaml has been through backchat (it lists our catalog)."""
+    return any(isinstance(entry, dict) and entry.get("target") == _our_target(cfg) for entry in _locations(doc))
+
+
+def _drop_empty(doc: dict, *keys: str) -> None:
+    """Remove ``doc[keys[0]]...[keys[-1]]`` and every object on that path it leaves empty."""
+    inner = doc.get(keys[0])
+    if len(keys) > 1 and isinstance(inner, dict):
+        _drop_empty(inner, *keys[1:])
+    if len(keys) == 1 or inner in ({}, []):
+        doc.pop(keys[0], None)
+
+
+def without_ours(doc: dict, cfg, base: dict | None = None) -> dict:
+    """``merge`` undone: our keys out of a parsed app-config.local.yaml, what remains kept.
+
+    Out go ``ai_server.url``, the CSP directives we write, our catalog location and the
+    app's own locations we carried over from ``base`` (its app-config.yaml, which lists
+    them anyway once ours are gone). Objects left empty go too.
+    """
+    result = copy.deepcopy(doc)
+    carried = [entry for entry in _locations(base) if isinstance(entry, dict)]
+    locations = [
+        entry for entry in _locations(result)
+        if not (isinstance(entry, dict) and (entry.get("target") == _our_target(cfg) or entry in carried))
+    ]
+    if _locations(result):
+        result["catalog"]["locations"] = locations
+        if not locations:
+            _drop_empty(result, "catalog", "locations")
+    for directive in (*CSP_DIRECTIVES, "upgrade-insecure-requests"):
+        _drop_empty(result, "backend", "csp", directive)
+    _drop_empty(result, "ai_server", "url")
+    return result
+
+
+def restored_config(current_text: str | None, backup_text: str | None, cfg, base_text: str | None = None) -> str | None:
+    """What app-config.local.yaml must hold once backchat is uninstalled (None: no file).
+
+    Our backup is the app's own file from before backchat changed it: it comes back as it
+    was. Without one, backchat created the file: our keys go, and the file goes if nothing
+    else is left. A file backchat never touched stays as it is. (A backup an older backchat
+    wrote over with its own file loses our keys the same way.)
+    """
+    text = backup_text if backup_text is not None else current_text
+    if text is None:
+        return None
+    doc = yaml.safe_load(text)
+    if not carries_ours(doc, cfg):
+        return text
+    rest = without_ours(doc, cfg, yaml.safe_load(base_text) if base_text else None)
+    return yaml.safe_dump(rest, sort_keys=False, default_flow_style=False) if rest else None
+
+
 def render_config(existing_text: str | None, cfg, address: str, base_text: str | None = None) -> str:
     """app-config.local.yaml for one AI host (see :func:`render_lab_config`)."""
     return render_lab_config(existing_text, cfg, one_box(cfg, address), base_text)
@@ -429,10 +495,8 @@ def configure(cfg, lab_hosts=None) -> None:
         served = lab([(each.name, each_cfg, public_address(each_cfg, each)) for each, each_cfg in lab_hosts])
     config_path = f"{cfg.backstage_app_dir}/{CONFIG_FILE}"
     base_path = f"{cfg.backstage_app_dir}/{BASE_CONFIG_FILE}"
-    lines = host.get_fact(FileContents, path=config_path)
-    existing_text = "\n".join(lines) + "\n" if lines else None
-    base_lines = host.get_fact(FileContents, path=base_path)
-    base_text = "\n".join(base_lines) + "\n" if base_lines else None
+    existing_text = text_of(host.get_fact(FileContents, path=config_path))
+    base_text = text_of(host.get_fact(FileContents, path=base_path))
     for path, text in ((config_path, existing_text), (base_path, base_text)):
         try:
             yaml.safe_load(text or "")
@@ -443,7 +507,10 @@ def configure(cfg, lab_hosts=None) -> None:
 
     # No mode: this is the user's Backstage app, whose directory is theirs.
     files.directory(name="Create the Backstage app directory", path=cfg.backstage_app_dir)
-    if existing_text is not None and yaml.safe_load(existing_text) != yaml.safe_load(content):
+    existing = yaml.safe_load(existing_text) if existing_text is not None else None
+    # The backup is the app's own file from before backchat changed it (uninstall.py puts
+    # it back): a file that already lists our catalog is one of ours, never backed up.
+    if existing_text is not None and existing != yaml.safe_load(content) and not carries_ours(existing, cfg):
         files.put(
             name=f"Keep the previous {CONFIG_FILE}",
             src=io.StringIO(existing_text),

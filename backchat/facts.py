@@ -235,6 +235,11 @@ class ModelFile(FactBase):
         return result
 
 
+def text_of(lines: list[str] | None) -> str | None:
+    """A file's text from pyinfra's ``FileContents`` lines (None: no file, or empty)."""
+    return "\n".join(lines) + "\n" if lines else None
+
+
 # --- the compose stack -----------------------------------------------------------
 
 # The compose project every backchat container belongs to.
@@ -332,3 +337,111 @@ class MissingUsers(FactBase):
 
     def process(self, output):
         return [line.strip() for line in output if line.strip()]
+
+
+class ComposeProject(FactBase):
+    """
+    Returns what Docker holds of one compose project, found by its label (no compose file
+    needed): ``{"docker": "ok", "containers": [{"service", "image", "state", "status",
+    "health"}], "volumes": [...], "networks": [...]}``. ``docker`` is ``"missing"`` without
+    the CLI, or ``"unreachable: <why>"`` when the daemon does not answer.
+    """
+
+    def command(self, project: str) -> str:
+        label = shlex.quote(f"label=com.docker.compose.project={project}")
+        row = (
+            '{"service":{{json (.Label "com.docker.compose.service")}},"image":{{json .Image}},'
+            '"state":{{json .State}},"status":{{json .Status}}}'
+        )
+        return (
+            "command -v docker >/dev/null 2>&1 || { echo missing; exit 0; }; "
+            f"out=$(docker ps -a --filter {label} --format {shlex.quote(row)} 2>&1) || "
+            '{ echo "unreachable $(printf %s "$out" | tail -n 1)"; exit 0; }; '
+            'echo ok; printf "%s\\n" "$out" | sed -n "s/^{/container {/p"; '
+            f"docker volume ls -q --filter {label} 2>/dev/null | sed 's/^/volume /'; "
+            f"docker network ls -q --filter {label} 2>/dev/null | sed 's/^/network /'; true"
+        )
+
+    def process(self, output):
+        return parse_compose_project(list(output))
+
+
+def container_health(status: str) -> str | None:
+    """``docker ps``'s health word in its Status column: healthy, unhealthy, starting, or None."""
+    for word, health in (("(healthy)", "healthy"), ("(unhealthy)", "unhealthy"), ("(health: starting)", "starting")):
+        if word in status:
+            return health
+    return None
+
+
+def parse_compose_project(lines: list[str]) -> dict:
+    result: dict = {"docker": "missing", "containers": [], "volumes": [], "networks": []}
+    for line in lines:
+        key, _, rest = line.strip().partition(" ")
+        if key in ("ok", "missing"):
+            result["docker"] = key
+        elif key == "unreachable":
+            result["docker"] = f"unreachable: {rest.strip() or 'the Docker daemon did not answer'}"
+        elif key == "container":
+            try:
+                row = json.loads(rest)
+            except ValueError:
+                continue
+            row["health"] = container_health(row.get("status", ""))
+            result["containers"].append(row)
+        elif key in ("volume", "network") and rest.strip():
+            result[f"{key}s"].append(rest.strip())
+    result["containers"].sort(key=lambda row: row.get("service", ""))
+    return result
+
+
+# Classifies paths under one of our directories, or (mode "remove") removes the files and
+# empty directories among them. A path is never followed through a symlink: one that is a
+# link, or lies under a link below the root (or the root itself is a link), is "link" or
+# "unsafe" and left alone. Arguments: mode, root, then paths relative to root ("." is the root).
+OWN_PATHS_SCRIPT = r"""
+mode=$1; root=$2; shift 2
+if [ -L "$root" ]; then echo "unsafe ."; exit 0; fi
+[ -d "$root" ] || exit 0
+for rel in "$@"; do
+  p=$root; rest=$rel; safe=1
+  while [ "${rest#*/}" != "$rest" ]; do
+    p=$p/${rest%%/*}; rest=${rest#*/}
+    if [ -L "$p" ]; then safe=0; break; fi
+  done
+  if [ "$rel" = . ]; then t=$root; else t=$root/$rel; fi
+  if [ $safe = 0 ]; then echo "unsafe $rel"
+  elif [ -L "$t" ]; then echo "link $rel"
+  elif [ -f "$t" ]; then
+    if [ "$mode" = remove ]; then rm -f -- "$t" || exit 1; fi
+    echo "file $rel"
+  elif [ -d "$t" ]; then
+    if [ "$mode" = remove ]; then rmdir -- "$t" 2>/dev/null && echo "emptydir $rel" || echo "dir $rel"
+    elif [ -z "$(ls -A -- "$t")" ]; then echo "emptydir $rel"
+    else echo "dir $rel"; fi
+  elif [ -e "$t" ]; then echo "other $rel"
+  fi
+done
+"""
+
+
+class OwnPaths(FactBase):
+    """
+    Returns what each of ``paths`` (relative to our directory ``root``) is, without following
+    a symlink: ``{"models/x.yaml": "file", "bin": "emptydir", ".": "dir", "y": "link"}``
+    (also ``unsafe``: under a link; ``other``: a socket or device). Missing paths are left out.
+    """
+
+    default = dict
+
+    def command(self, root: str, paths: list[str]) -> str:
+        quoted = " ".join(shlex.quote(path) for path in paths)
+        return f"sh -c {shlex.quote(OWN_PATHS_SCRIPT)} own-paths list {shlex.quote(root)} {quoted}"
+
+    def process(self, output):
+        found = {}
+        for line in output:
+            kind, _, rel = line.strip().partition(" ")
+            if rel:
+                found[rel] = kind
+        return found

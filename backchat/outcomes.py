@@ -58,3 +58,13 @@ def refuse(reason: str):
     + reason: what is wrong and how to fix it
     """
     yield FunctionCommand(_refuse, (reason,), {})
+
+
+def _fail_now(state, host, reason: str) -> bool:  # pyinfra passes state and host by these names
+    return fail(host, reason)
+
+
+def failing_command(reason: str) -> FunctionCommand:
+    """For an operation that found a problem while executing: yield this, and the host
+    fails with ``reason`` (an operation that yields nothing reports no change)."""
+    return FunctionCommand(_fail_now, (reason,), {})

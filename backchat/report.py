@@ -16,7 +16,9 @@ from pyinfra.api.state import BaseStateCallback, StateStage
 
 from backchat.outcomes import planned_refusals, record, records
 
-_installed: dict[str, str | None] = {}
+_installed: dict = {}
+# The deploy's table; status.py and uninstall.py name their own columns and title.
+COLUMNS = ("host", "result", "backends", "model_id", "gui_url", "ai_server_url", "seconds")
 
 
 class _FailureCallbacks(BaseStateCallback):
@@ -36,12 +38,11 @@ def _last_error_line(state, host, op_hash) -> str:
     return f": {lines[-1].strip()}" if lines else ""
 
 
-def install(state, report_path: str | None) -> None:
+def install(state, report_path: str | None, title: str = "report", columns: tuple = COLUMNS) -> None:
     """Register the end-of-run report once per run (deploy.py runs once per host)."""
     if "state" in _installed:
         return
-    _installed["state"] = "yes"
-    _installed["path"] = report_path
+    _installed.update(state="yes", path=report_path, title=title, columns=columns)
     state.add_callback_handler(_FailureCallbacks())
     atexit.register(_print_at_exit, state)
 
@@ -57,15 +58,15 @@ def rows(state) -> list[dict]:
             entry["failure"] += _last_error_line(state, host, failed_op)
         if host.name in failed and not entry.get("failure"):
             entry["failure"] = "could not connect or failed (see pyinfra's error above)"
-        entry["result"] = "FAILED" if entry.get("failure") or entry.get("verify") == "fail" else (
+        bad = "UNHEALTHY" if entry.get("verify") == "unhealthy" else "FAILED"
+        entry["result"] = bad if entry.get("failure") or entry.get("verify") == "fail" else (
             "ok" if entry.get("verify") == "pass" else entry.get("verify", "not verified")
         )
         result.append(entry)
     return result
 
 
-def format_table(entries: list[dict]) -> str:
-    columns = ["host", "result", "backends", "model_id", "gui_url", "ai_server_url", "seconds"]
+def format_table(entries: list[dict], columns: tuple = COLUMNS) -> str:
     table = [columns] + [[str(entry.get(column, "") or "") for column in columns] for entry in entries]
     widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in table]
@@ -106,7 +107,8 @@ def _print_at_exit(state) -> None:
             os._exit(1)  # atexit cannot change the exit status otherwise
         return
     entries = rows(state)
-    print("\n--> Backchat report:\n" + format_table(entries), file=sys.stderr)
+    title, columns = _installed.get("title", "report"), _installed.get("columns", COLUMNS)
+    print(f"\n--> Backchat {title}:\n" + format_table(entries, columns), file=sys.stderr)
     path = _installed.get("path")
     if path:
         Path(path).write_text(json.dumps(entries, indent=2, sort_keys=True) + "\n")

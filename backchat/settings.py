@@ -122,6 +122,8 @@ SETTINGS: tuple[Setting, ...] = (
     _S("chat_timeout", 900, checks.integer(1, 86400, example=900), "seconds the one question may take"),
     _S("report_path", None, checks.optional(checks.report_path),
        "write the end-of-run report as JSON on the controller"),
+    # Uninstall (read by uninstall.py only; the deploy and status ignore it)
+    _S("remove_model", False, checks.boolean, "`uninstall.py` also removes the model file (kept by default)"),
 )
 BY_NAME = {setting.name: setting for setting in SETTINGS}
 DEFAULTS = {setting.name: setting.default for setting in SETTINGS}

@@ -140,3 +140,8 @@
 # chat_timeout = 900
 # Where the run's JSON report is written on the controller (None: not written).
 # report_path = None
+
+# --- Uninstall (uninstall.py only) -------------------------------------------------
+# The model (4.4 GB) is kept by uninstall.py, so a later deploy need not download it
+# again; --data remove_model=true removes it too.
+# remove_model = False

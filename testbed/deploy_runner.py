@@ -41,8 +41,11 @@ def write_inventory(path: Path, hosts: dict[str, dict], group: str = "lab", **gr
     return path
 
 
-def run_deploy(inventory: Path, *data: str, limit: str | None = None, timeout: int = 1800, env=None) -> DeployRun:
-    args = [sys.executable, "-m", "pyinfra", "-y", "--json", str(inventory), "deploy.py"]
+def run_deploy(
+    inventory: Path, *data: str, limit: str | None = None, timeout: int = 1800, env=None, command: str = "deploy.py"
+) -> DeployRun:
+    """``command``: deploy.py, or the day-two status.py / uninstall.py."""
+    args = [sys.executable, "-m", "pyinfra", "-y", "--json", str(inventory), command]
     for item in data:
         args += ["--data", item]
     if limit:

@@ -511,3 +511,54 @@ def test_one_box_keeps_the_plain_names():
     served = backstage.one_box(make_cfg(), ADDRESS)
     names = {entity["metadata"]["name"] for entity in yaml.safe_load_all(backstage.render_lab_catalog(served)) if entity}
     assert names == {"backchat", "backchat-localai", "backchat-chatbot-ui", "backchat-localai-api"}
+
+
+# --- uninstall: app-config.local.yaml back as it was --------------------------------------
+
+THEIR_LOCAL = (
+    "app:\n  title: Our Portal\n"
+    "backend:\n  csp:\n    img-src: [\"'self'\", 'data:']\n    frame-src: [\"'self'\", 'https://grafana.lab']\n"
+    "catalog:\n  locations:\n    - type: url\n      target: https://example.test/catalog-info.yaml\n"
+)
+THEIR_BASE = "catalog:\n  locations:\n    - type: file\n      target: ../../examples/entities.yaml\n"
+
+
+def test_a_file_backchat_created_is_removed(cfg):
+    for base in (None, THEIR_BASE):  # the app's own locations, carried over into ours, go too
+        ours = backstage.render_config(None, cfg, ADDRESS, base)
+        assert backstage.restored_config(ours, None, cfg, base) is None
+
+
+def test_the_apps_own_file_comes_back_from_the_backup_verbatim(cfg):
+    merged = backstage.render_config(THEIR_LOCAL, cfg, ADDRESS, THEIR_BASE)
+    assert backstage.restored_config(merged, THEIR_LOCAL, cfg, THEIR_BASE) == THEIR_LOCAL
+
+
+def test_without_a_backup_only_our_keys_go():
+    """A file we created that the app's owners added to since: theirs stays, ours goes."""
+    cfg = make_cfg()
+    ours = yaml.safe_load(backstage.render_config(None, cfg, ADDRESS, THEIR_BASE))
+    ours["app"] = {"title": "Added later"}
+    ours["backend"]["csp"]["img-src"] = ["'self'"]
+    ours["catalog"]["locations"].append({"type": "url", "target": "https://example.test/more.yaml"})
+    restored = yaml.safe_load(backstage.restored_config(yaml.safe_dump(ours), None, cfg, THEIR_BASE))
+    assert restored == {
+        "app": {"title": "Added later"},
+        "backend": {"csp": {"img-src": ["'self'"]}},
+        "catalog": {"locations": [{"type": "url", "target": "https://example.test/more.yaml"}]},
+    }
+
+
+def test_a_file_backchat_never_touched_stays_and_nothing_stays_nothing():
+    cfg = make_cfg()
+    assert backstage.restored_config(THEIR_LOCAL, None, cfg) == THEIR_LOCAL
+    assert backstage.restored_config(None, None, cfg) is None
+
+
+def test_a_backup_an_older_backchat_overwrote_with_its_own_file_loses_our_keys():
+    cfg = make_cfg()
+    first = backstage.render_config(THEIR_LOCAL, cfg, ADDRESS)
+    restored = yaml.safe_load(backstage.restored_config(first, first, cfg))
+    assert restored["app"] == {"title": "Our Portal"} and "ai_server" not in restored
+    assert restored["catalog"]["locations"] == [{"type": "url", "target": "https://example.test/catalog-info.yaml"}]
+    assert not backstage.carries_ours(restored, cfg) and backstage.carries_ours(yaml.safe_load(first), cfg)

@@ -150,3 +150,26 @@ def test_listening_ports_from_ss_and_from_proc():
         "proc    1: 0100007F:0BB9 0100007F:9C40 01 00000000:00000000 00:00000000 00000000 0 0 2",
     ]
     assert ListeningPorts().process(proc) == {8080: ""}  # 0x1F90 listens; 0x0BB9 is a connection
+
+
+def test_compose_project_reads_containers_health_volumes_and_networks():
+    from backchat.facts import ComposeProject
+
+    output = [
+        "ok",
+        'container {"service":"localai","image":"localai/localai:v4.9.0","state":"running","status":"Up 2 minutes (healthy)"}',
+        'container {"service":"chatbot-ui","image":"ghcr.io/mckaywrigley/chatbot-ui:main","state":"exited","status":"Exited (137) 5 seconds ago"}',
+        'container {"service":"llamacpp","image":"x","state":"running","status":"Up 1 second (health: starting)"}',
+        "volume backchat_localai-backends",
+        "network 0123abcd",
+    ]
+    found = ComposeProject().process(output)
+    assert found["docker"] == "ok"
+    assert [(row["service"], row["state"], row["health"]) for row in found["containers"]] == [
+        ("chatbot-ui", "exited", None), ("llamacpp", "running", "starting"), ("localai", "running", "healthy")
+    ]
+    assert found["volumes"] == ["backchat_localai-backends"] and found["networks"] == ["0123abcd"]
+    assert ComposeProject().process(["missing"])["docker"] == "missing"
+    daemon_down = ComposeProject().process(["unreachable Cannot connect to the Docker daemon at unix:///var/run/docker.sock."])
+    assert daemon_down["docker"].startswith("unreachable: Cannot connect") and daemon_down["containers"] == []
+    assert "label=com.docker.compose.project=backchat" in ComposeProject().command("backchat")

@@ -186,8 +186,12 @@ class Run:
         return ANSI.sub("", self.deploy.stderr)
 
 
-def deploy(e2e: E2E, label: str, archives: bool = True, timeout: int = 2400, extra: dict | None = None) -> Run:
-    """``python -m pyinfra -y --json INVENTORY deploy.py --data ...`` from the project directory."""
+def deploy(
+    e2e: E2E, label: str, archives: bool = True, timeout: int = 2400, extra: dict | None = None,
+    command: str = "deploy.py",
+) -> Run:
+    """``python -m pyinfra -y --json INVENTORY deploy.py --data ...`` from the project directory
+    (``command``: or the day-two status.py, uninstall.py)."""
     # The sha256 pin goes in host data: a hex string on --data could parse as a number.
     host_data = {**e2e.vm.pyinfra_data(), "model_sha256": e2e.model_sha256}
     inventory = write_inventory(e2e.workdir / "inventory.py", {HOST_NAME: host_data}, group="vms")
@@ -220,7 +224,9 @@ def deploy(e2e: E2E, label: str, archives: bool = True, timeout: int = 2400, ext
     had_debug_log = debug_log.exists()
     started = time.monotonic()
     try:
-        done = run_deploy(inventory, *(f"{k}={v}" for k, v in settings.items()), timeout=timeout, env=env)
+        done = run_deploy(
+            inventory, *(f"{k}={v}" for k, v in settings.items()), timeout=timeout, env=env, command=command
+        )
     except subprocess.TimeoutExpired as exc:
         err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
         done = DeployRun(-1, "", f"{err}\n(pyinfra killed after {timeout}s)")
@@ -425,3 +431,51 @@ def test_services_on_loopback_are_verified_through_the_host(e2e: E2E) -> None:
     assert published == f"127.0.0.1:{e2e.port}", published
     with pytest.raises(httpx.HTTPError):  # from the controller: nothing answers
         httpx.get(f"{e2e.api}/v1/models", headers=AUTH, timeout=10).raise_for_status()
+
+
+def test_day_two_status_then_uninstall_on_a_running_stack(e2e: E2E) -> None:
+    """status.py: healthy on the running stack, unhealthy (exit 1) naming the container
+    after ``docker stop``, changing nothing either time; then uninstall.py takes the project
+    out of Docker (and only it), Docker stays, and a second uninstall changes nothing.
+    Last in the module: it leaves the VM without the stack."""
+    if "up" not in e2e.done:  # run alone (-k day_two): bring the stack up first
+        run = deploy(e2e, "day2-up")
+        e2e.phase("day two: deploy (the stack up)", run.seconds)
+        assert run.returncode == 0, explain(run, e2e)
+    vm = e2e.vm
+    healthy = deploy(e2e, "day2-status", command="status.py")
+    e2e.phase("day two: status, healthy", healthy.seconds)
+    assert_no_changes(healthy, e2e)
+    (row,) = healthy.report
+    assert row["result"] == "healthy", f"report: {row}\n" + explain(healthy, e2e)
+    assert row["containers"] == "llamacpp running (healthy), chatbot-ui running", row
+    assert row["models_listed"] == {"llamacpp": True} and row["model"] == f"{FILE} verified", row
+    assert [(s["service"], s["image"] == s["pinned"]) for s in row["services"]] == [("llamacpp", True), ("chatbot-ui", True)]
+    assert "--> Backchat status:" in healthy.text
+
+    vm.run(f"docker stop {container_id(e2e, 'chatbot-ui')}")
+    sick = deploy(e2e, "day2-status-stopped", command="status.py")
+    e2e.phase("day two: status, one container stopped", sick.seconds)
+    assert sick.returncode != 0, explain(sick, e2e)
+    assert "] Success" not in sick.text, "status changed something"
+    (row,) = sick.report
+    assert row["result"] == "UNHEALTHY" and "chatbot-ui is exited" in row["failure"], row
+    assert row["models_listed"] == {"llamacpp": True}, "the backend still serves the model"
+
+    volumes = "docker volume ls -q --filter label=com.docker.compose.project=backchat"
+    vm.run("docker volume create --label com.docker.compose.project=backchat backchat_extra >/dev/null")
+    vm.run("docker volume create not-ours >/dev/null")
+    gone = deploy(e2e, "day2-uninstall", command="uninstall.py")
+    e2e.phase("day two: uninstall", gone.seconds)
+    assert gone.returncode == 0, explain(gone, e2e)
+    assert not vm.run("docker ps -aq --filter label=com.docker.compose.project=backchat").stdout.strip()
+    assert not vm.run(volumes).stdout.strip(), "the project's volumes are left"
+    assert not vm.run("docker network ls -q --filter label=com.docker.compose.project=backchat").stdout.strip()
+    assert "not-ours" in vm.run("docker volume ls -q").stdout.split(), "a volume of another project went"
+    assert vm.run("systemctl is-active docker", check=False).stdout.strip() == "active"
+    assert set(IMAGES) <= set(vm.run("docker image ls --format '{{.Repository}}:{{.Tag}}'").stdout.split())
+    assert vm.run(f"test -s /opt/backchat/models/{FILE} && ! test -e /opt/backchat/docker-compose.yaml").returncode == 0
+
+    again = deploy(e2e, "day2-uninstall-again", command="uninstall.py")
+    e2e.phase("day two: uninstall again", again.seconds)
+    assert_no_changes(again, e2e)

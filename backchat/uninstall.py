@@ -1,0 +1,147 @@
+"""Day two: take backchat off each host, leaving Docker and everything not ours.
+
+    pyinfra inventory.py uninstall.py                          # the model is kept
+    pyinfra inventory.py uninstall.py --data remove_model=true
+
+In order: ``docker compose down --volumes --remove-orphans`` for the ``backchat`` project
+only; Backstage's ``app-config.local.yaml`` back as it was (backstage.restored_config);
+then the files backchat wrote, under its own directories only, and those directories if
+that leaves them empty. Nothing is followed through a symlink: a link at one of our names,
+or under one of our directories, is named and left alone. A second run changes nothing.
+"""
+
+from __future__ import annotations
+
+import io
+
+from pyinfra import host, state
+from pyinfra.api import QuoteString, StringCommand, deploy, operation
+from pyinfra.facts.files import FileContents
+from pyinfra.operations import files
+
+from backchat import backstage, model, outcomes, report, transport
+from backchat.facts import COMPOSE_PROJECT, OWN_PATHS_SCRIPT, ComposeProject, OwnPaths, text_of
+from backchat.run_settings import settings_for
+from backchat.settings import DEFAULTS
+
+COLUMNS = ("host", "result", "model")
+BACKUP_SUFFIX = ".backchat.bak"
+
+
+def stack_paths(cfg) -> list[str]:
+    """What the deploy writes in stack_dir, relative to it, then its directories (deepest first)."""
+    archives = [f"images/{path.rsplit('/', 1)[-1]}" for path in cfg.image_archives]
+    return [
+        "docker-compose.yaml", ".env", ".hf-token-header", "bin/fetch-model", *archives,
+        "bin", "images", ".",
+    ]
+
+
+def models_paths(cfg) -> list[str]:
+    """LocalAI's model config (and, with remove_model, every file fetch-model.sh writes:
+    the model, its download, its lock, its marker)."""
+    marker = model.marker_path(cfg).rsplit("/", 1)[-1]
+    model_files = [cfg.model_file, *(f"{cfg.model_file}.{end}" for end in ("part", "lock")), marker, f"{marker}.tmp"]
+    return [f"{cfg.model_id}.yaml", *(model_files if cfg.remove_model else []), "."]
+
+
+def backstage_paths(config_gone: bool) -> list[str]:
+    config = [backstage.CONFIG_FILE] if config_gone else []
+    return [*config, backstage.CONFIG_FILE + BACKUP_SUFFIX, backstage.CATALOG_FILE, "."]
+
+
+def removals(found: dict[str, str], paths: list[str]) -> bool:
+    """Whether removing ``paths`` (as ``OwnPaths`` found them) would change anything."""
+    return any(found.get(path) in ("file", "emptydir") for path in paths)
+
+
+@operation(is_idempotent=False)
+def remove_own(root: str, paths: list[str]):
+    """
+    Remove the files among ``paths`` under our directory ``root``, then the directories
+    among them that are left empty; never through a symlink.
+
+    + root: one of backchat's directories (stack_dir, models_dir, backstage_app_dir)
+    + paths: relative to root, files first, directories deepest first ("." is root)
+    """
+    found = host.get_fact(OwnPaths, root=root, paths=paths)
+    left = [f"{root}/{path} ({kind})" for path, kind in found.items() if kind in ("link", "unsafe", "other")]
+    if left:
+        host.log_styled(f"left alone, not followed: {', '.join(left)}", fg="yellow")
+    if not removals(found, paths):
+        host.noop(f"nothing of ours left to remove in {root}")
+        return
+    yield StringCommand(
+        "sh", "-c", QuoteString(OWN_PATHS_SCRIPT), "own-paths", "remove", QuoteString(root),
+        *(QuoteString(path) for path in paths),
+    )
+
+
+_DOWN = (
+    # With the compose file (and .env) when they are there; by project name when not.
+    '{ [ -f "$2/docker-compose.yaml" ] && docker compose --project-directory "$2" -p "$1" '
+    'down --volumes --remove-orphans; } || (cd / && docker compose -p "$1" down --volumes --remove-orphans) && '
+    # Volumes of the project that compose did not know by name (no compose file).
+    'docker volume ls -q --filter "label=com.docker.compose.project=$1" | xargs -r docker volume rm'
+)
+
+
+@operation(is_idempotent=False)
+def compose_down(project_dir: str):
+    """
+    Remove the backchat project's containers, networks and volumes (only that project's).
+
+    + project_dir: the stack directory holding its docker-compose.yaml, if still there
+    """
+    project = host.get_fact(ComposeProject, project=COMPOSE_PROJECT)
+    if project["docker"] == "missing":
+        host.noop("Docker is not installed: no containers")
+        return
+    if project["docker"] != "ok":
+        host.log_styled(
+            f"Docker is {project['docker']}: containers and volumes of project {COMPOSE_PROJECT}, "
+            "if any, are left (start Docker and run uninstall.py again)",
+            fg="yellow",
+        )
+        host.noop("Docker's daemon is not running")
+        return
+    if not (project["containers"] or project["volumes"] or project["networks"]):
+        host.noop(f"Docker holds nothing of project {COMPOSE_PROJECT}")
+        return
+    yield StringCommand("sh", "-c", QuoteString(_DOWN), "down", COMPOSE_PROJECT, QuoteString(project_dir))
+
+
+def restore_backstage_config(cfg) -> bool:
+    """Put app-config.local.yaml back as it was; True when it is to be removed instead."""
+    root = cfg.backstage_app_dir
+    config, backup = backstage.CONFIG_FILE, backstage.CONFIG_FILE + BACKUP_SUFFIX
+    found = host.get_fact(OwnPaths, root=root, paths=[config, backup])
+    if any(found.get(name) not in (None, "file") for name in (config, backup)):
+        host.log_styled(f"{root}/{config} or its backup is not a plain file: left alone", fg="yellow")
+        return False
+    current = text_of(host.get_fact(FileContents, path=f"{root}/{config}")) if config in found else None
+    saved = text_of(host.get_fact(FileContents, path=f"{root}/{backup}")) if backup in found else None
+    base = text_of(host.get_fact(FileContents, path=f"{root}/{backstage.BASE_CONFIG_FILE}"))
+    wanted = backstage.restored_config(current, saved, cfg, base)
+    if wanted is not None and wanted != current:
+        files.put(name=f"Restore {config}", src=io.StringIO(wanted), dest=f"{root}/{config}", mode="0644")
+    return wanted is None
+
+
+@deploy("Backchat uninstall", data_defaults=DEFAULTS)
+def uninstall_backchat():
+    cfg = settings_for(state, host)  # the same checks as the deploy, remove_model included
+    transport.send_small_packets_now(host)
+    report.install(state, cfg.report_path, title="uninstall", columns=COLUMNS)
+
+    compose_down(name="Remove the stack's containers, networks and volumes", project_dir=cfg.stack_dir)
+    config_gone = restore_backstage_config(cfg)
+    remove_own(name="Remove our Backstage files", root=cfg.backstage_app_dir, paths=backstage_paths(config_gone))
+    remove_own(name="Remove the model config" + (" and the model" if cfg.remove_model else ""),
+               root=cfg.models_dir, paths=models_paths(cfg))
+    remove_own(name="Remove the stack's files", root=cfg.stack_dir, paths=stack_paths(cfg))
+    outcomes.record(
+        host.name,
+        verify="uninstalled",
+        model="removed" if cfg.remove_model else f"kept: {cfg.model_path} (--data remove_model=true removes it)",
+    )

@@ -1,0 +1,91 @@
+"""uninstall.py's pure parts, and the one script that lists and removes our files, run here
+on a scratch tree: nothing outside our directory is touched, nothing is followed through a link."""
+
+from __future__ import annotations
+
+import subprocess
+
+from backchat import uninstall
+from backchat.facts import OWN_PATHS_SCRIPT, OwnPaths
+from tests.cfg import make_cfg
+
+
+def own_paths(mode: str, root, *paths: str) -> dict[str, str]:
+    done = subprocess.run(
+        ["sh", "-c", OWN_PATHS_SCRIPT, "own-paths", mode, str(root), *paths],
+        capture_output=True, text=True, check=True,
+    )
+    return OwnPaths().process(done.stdout.splitlines())
+
+
+def tree(tmp_path):
+    """Our stack directory, with a link planted at one of our names and one on our path."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "fetch-model").write_text("not ours\n")
+    (outside / ".env").write_text("not ours\n")
+    root = tmp_path / "backchat"
+    (root / "images").mkdir(parents=True)
+    (root / "docker-compose.yaml").write_text("name: backchat\n")
+    (root / "bin").symlink_to(outside)  # bin/fetch-model would be outside/fetch-model
+    (root / ".env").symlink_to(outside / ".env")
+    (root / "keep").mkdir()
+    (root / "keep" / "theirs").write_text("x")
+    return root, outside
+
+
+def test_listing_names_each_path_without_following_links(tmp_path):
+    root, _ = tree(tmp_path)
+    found = own_paths("list", root, "docker-compose.yaml", ".env", "bin/fetch-model", "missing", "images", "keep", ".")
+    assert found == {
+        "docker-compose.yaml": "file", ".env": "link", "bin/fetch-model": "unsafe",
+        "images": "emptydir", "keep": "dir", ".": "dir",
+    }
+    assert uninstall.removals(found, ["docker-compose.yaml"]) and not uninstall.removals(found, [".env", "keep", "."])
+
+
+def test_removal_takes_our_files_and_empty_dirs_and_nothing_through_a_link(tmp_path):
+    root, outside = tree(tmp_path)
+    paths = ["docker-compose.yaml", ".env", "bin/fetch-model", "images", "bin", "keep", "."]
+    own_paths("remove", root, *paths)
+    assert sorted(path.name for path in root.iterdir()) == [".env", "bin", "keep"]
+    assert (outside / "fetch-model").read_text() == "not ours\n" and (outside / ".env").read_text() == "not ours\n"
+    # Again: only what is left alone is listed, so the operation yields nothing.
+    again = own_paths("list", root, *paths)
+    assert not uninstall.removals(again, paths)
+
+
+def test_a_root_that_is_a_link_is_left_alone(tmp_path):
+    root, outside = tree(tmp_path)
+    linked = tmp_path / "linked"
+    linked.symlink_to(outside)
+    assert own_paths("remove", linked, "fetch-model", ".") == {".": "unsafe"}
+    assert (outside / "fetch-model").exists()
+    assert own_paths("list", tmp_path / "nowhere", "x", ".") == {}
+
+
+def test_the_last_empty_directory_goes_with_the_files(tmp_path):
+    root = tmp_path / "stack"
+    (root / "bin").mkdir(parents=True)
+    (root / "bin" / "fetch-model").write_text("#!/bin/sh\n")
+    (root / ".env").write_text("KEY=x\n")
+    own_paths("remove", root, *uninstall.stack_paths(make_cfg()))
+    assert not root.exists()
+
+
+def test_the_paths_are_what_the_deploy_writes():
+    cfg = make_cfg()
+    stack = uninstall.stack_paths(cfg)
+    assert stack[-3:] == ["bin", "images", "."], "directories last, deepest first"
+    assert {"docker-compose.yaml", ".env", ".hf-token-header", "bin/fetch-model"} <= set(stack)
+    assert uninstall.models_paths(cfg) == ["gpt-3.5-turbo.yaml", "."], "the model stays unless asked"
+    removing = uninstall.models_paths(make_cfg(remove_model=True))
+    assert removing == [
+        "gpt-3.5-turbo.yaml", "mistral-7b-openorca.Q4_K_M.gguf", "mistral-7b-openorca.Q4_K_M.gguf.part",
+        "mistral-7b-openorca.Q4_K_M.gguf.lock", ".mistral-7b-openorca.Q4_K_M.gguf.verified",
+        ".mistral-7b-openorca.Q4_K_M.gguf.verified.tmp", ".",
+    ]
+    assert uninstall.backstage_paths(config_gone=False) == [
+        "app-config.local.yaml.backchat.bak", "backchat-catalog.yaml", "."
+    ]
+    assert uninstall.backstage_paths(config_gone=True)[0] == "app-config.local.yaml"

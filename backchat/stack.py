@@ -18,6 +18,9 @@ from backchat import addresses, images, outcomes, resources, secrets, tls
 from backchat.facts import COMPOSE_PROJECT as PROJECT
 from backchat.facts import ComposeStack, DockerImageTags, PhysicalCores
 
+FRONTDOOR_CONF = "frontdoor.conf"
+
+
 def thread_count(cfg, cores: dict) -> int:
     """The ``threads`` setting if given, else one per physical core the host may use."""
     return cfg.threads or cores["physical"]
@@ -78,7 +81,7 @@ def rendered_files(cfg, threads: int) -> dict[str, tuple[str, str]]:
             "0644",
         )
     if addresses.behind_front_door(cfg):
-        result[f"{cfg.stack_dir}/frontdoor.conf"] = (render("frontdoor.conf.j2", cfg, threads), "0644")
+        result[f"{cfg.stack_dir}/{FRONTDOOR_CONF}"] = (render("frontdoor.conf.j2", cfg, threads), "0644")
     return result
 
 
@@ -95,11 +98,11 @@ def write_certificate(cfg) -> bool:
     """The front door's certificate and key (0600) in ``stack_dir/tls``: did either change?"""
     certificate = tls.host_certificate(cfg, host.name, certificate_names(cfg))
     outcomes.record(host.name, trust=certificate.trust or "your certificate's issuer")
-    directory = f"{cfg.stack_dir}/tls"
+    directory = f"{cfg.stack_dir}/{tls.HOST_DIR}"
     files.directory(name="Create the front door's certificate directory", path=directory, mode="0700")
-    cert = files.put(name=f"Write tls/{tls.CERT_FILE}", src=io.StringIO(certificate.cert_pem),
+    cert = files.put(name=f"Write {tls.HOST_DIR}/{tls.CERT_FILE}", src=io.StringIO(certificate.cert_pem),
                      dest=f"{directory}/{tls.CERT_FILE}", mode="0644")
-    key = secrets.secret_file(name=f"Write tls/{tls.KEY_FILE} (0600)", dest=f"{directory}/{tls.KEY_FILE}",
+    key = secrets.secret_file(name=f"Write {tls.HOST_DIR}/{tls.KEY_FILE} (0600)", dest=f"{directory}/{tls.KEY_FILE}",
                               lines=(certificate.key_pem,))
     return cert.will_change or key.will_change
 
@@ -136,7 +139,7 @@ def write_and_start(cfg, threads: int) -> None:
         # LocalAI reads its model config at start, nginx its config and certificate;
         # compose cannot see those files change.
         restart=(["localai"] if changed.get(f"{cfg.models_dir}/{cfg.model_id}.yaml") else [])
-        + (["frontdoor"] if door_changed or changed.get(f"{cfg.stack_dir}/frontdoor.conf") else []),
+        + (["frontdoor"] if door_changed or changed.get(f"{cfg.stack_dir}/{FRONTDOOR_CONF}") else []),
     )
 
 

@@ -33,6 +33,8 @@ HOST_DAYS = 397  # what browsers accept for a server certificate
 RENEW_DAYS = 30
 # Where the front door finds its certificate, inside its container.
 CONTAINER_DIR = "/etc/backchat/tls"
+# Where the deploy puts them on the host, relative to stack_dir.
+HOST_DIR = "tls"
 CERT_FILE = "cert.pem"
 KEY_FILE = "key.pem"
 

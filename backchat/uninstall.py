@@ -19,7 +19,7 @@ from pyinfra.api import QuoteString, StringCommand, deploy, operation
 from pyinfra.facts.files import FileContents
 from pyinfra.operations import files
 
-from backchat import backstage, model, outcomes, report, transport
+from backchat import backstage, model, outcomes, report, stack, tls, transport
 from backchat.facts import COMPOSE_PROJECT, OWN_PATHS_SCRIPT, ComposeProject, OwnPaths, text_of
 from backchat.run_settings import settings_for
 from backchat.settings import DEFAULTS
@@ -33,7 +33,8 @@ def stack_paths(cfg) -> list[str]:
     archives = [f"images/{path.rsplit('/', 1)[-1]}" for path in cfg.image_archives]
     return [
         "docker-compose.yaml", ".env", ".hf-token-header", "bin/fetch-model", *archives,
-        "bin", "images", ".",
+        stack.FRONTDOOR_CONF, f"{tls.HOST_DIR}/{tls.CERT_FILE}", f"{tls.HOST_DIR}/{tls.KEY_FILE}",
+        "bin", "images", tls.HOST_DIR, ".",
     ]
 
 

@@ -76,8 +76,9 @@ def test_the_last_empty_directory_goes_with_the_files(tmp_path):
 def test_the_paths_are_what_the_deploy_writes():
     cfg = make_cfg()
     stack = uninstall.stack_paths(cfg)
-    assert stack[-3:] == ["bin", "images", "."], "directories last, deepest first"
-    assert {"docker-compose.yaml", ".env", ".hf-token-header", "bin/fetch-model"} <= set(stack)
+    assert stack[-4:] == ["bin", "images", "tls", "."], "directories last, deepest first"
+    assert {"docker-compose.yaml", ".env", ".hf-token-header", "bin/fetch-model", "frontdoor.conf",
+            "tls/cert.pem", "tls/key.pem"} <= set(stack)
     assert uninstall.models_paths(cfg) == ["gpt-3.5-turbo.yaml", "."], "the model stays unless asked"
     removing = uninstall.models_paths(make_cfg(remove_model=True))
     assert removing == [

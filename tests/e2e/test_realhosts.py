@@ -120,7 +120,8 @@ def test_trixie_is_deployed_for_real(first_run, fleet, model_bytes, hub):
     localai = compose["services"]["localai"]
     assert localai["environment"]["LOCALAI_THREADS"] == str(cores)
     assert localai["environment"]["LOCALAI_EXTERNAL_BACKENDS"] == "llama-cpp"
-    assert compose["services"]["chatbot-ui"]["environment"]["OPENAI_API_HOST"] == "http://localai:8080"
+    # Chatbot UI reaches LocalAI through the front door's relay (which mends streams).
+    assert compose["services"]["chatbot-ui"]["environment"]["OPENAI_API_HOST"] == "http://frontdoor:8079"
 
     model_config = yaml.safe_load(trixie.run("cat /opt/backchat/models/gpt-3.5-turbo.yaml").stdout)
     assert model_config["name"] == "gpt-3.5-turbo" and model_config["threads"] == cores

@@ -228,7 +228,7 @@ def merge(existing: dict | None, ours: dict) -> dict:
     if isinstance(proxy, dict) and isinstance(proxy.get("endpoints"), dict):
         # Endpoints named like ours are ours: a host that left the lab, or a key turned
         # off, takes its endpoint along.
-        for route in [route for route in proxy["endpoints"] if str(route).startswith(f"/{SYSTEM}-")]:
+        for route in [route for route in proxy["endpoints"] if _is_our_route(route)]:
             del proxy["endpoints"][route]
 
     their_locations = (merged.get("catalog") or {}).get("locations") or []
@@ -270,9 +270,9 @@ def _drop_empty(doc: dict, *keys: str) -> None:
 def without_ours(doc: dict, cfg, base: dict | None = None) -> dict:
     """``merge`` undone: our keys out of a parsed app-config.local.yaml, what remains kept.
 
-    Out go ``ai_server.url``, the CSP directives we write, our catalog location and the
-    app's own locations we carried over from ``base`` (its app-config.yaml, which lists
-    them anyway once ours are gone). Objects left empty go too.
+    Out go ``ai_server.url``, the CSP directives we write, our proxy endpoints, our catalog
+    location and the app's own locations we carried over from ``base`` (its app-config.yaml,
+    which lists them anyway once ours are gone). Objects left empty go too.
     """
     result = copy.deepcopy(doc)
     carried = [entry for entry in _locations(base) if isinstance(entry, dict)]
@@ -286,8 +286,17 @@ def without_ours(doc: dict, cfg, base: dict | None = None) -> dict:
             _drop_empty(result, "catalog", "locations")
     for directive in (*CSP_DIRECTIVES, "upgrade-insecure-requests"):
         _drop_empty(result, "backend", "csp", directive)
+    endpoints = (result.get("proxy") or {}).get("endpoints")
+    if isinstance(endpoints, dict):
+        for route in [route for route in endpoints if _is_our_route(route)]:
+            _drop_empty(result, "proxy", "endpoints", route)
     _drop_empty(result, "ai_server", "url")
     return result
+
+
+def _is_our_route(route) -> bool:
+    """Proxy endpoints named like ours are ours (``/backchat-...``)."""
+    return str(route).startswith(f"/{SYSTEM}-")
 
 
 def restored_config(current_text: str | None, backup_text: str | None, cfg, base_text: str | None = None) -> str | None:

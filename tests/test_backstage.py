@@ -562,3 +562,15 @@ def test_a_backup_an_older_backchat_overwrote_with_its_own_file_loses_our_keys()
     assert restored["app"] == {"title": "Our Portal"} and "ai_server" not in restored
     assert restored["catalog"]["locations"] == [{"type": "url", "target": "https://example.test/catalog-info.yaml"}]
     assert not backstage.carries_ours(restored, cfg) and backstage.carries_ours(yaml.safe_load(first), cfg)
+
+
+def test_uninstall_takes_our_proxy_endpoints_and_keeps_the_apps():
+    from backchat.secrets import Secret
+
+    cfg = make_cfg(api_key="sk-0123456789abcdef")
+    mine = backstage.merge({"proxy": {"endpoints": {"/their-api": {"target": "http://theirs"}}}},
+                           backstage.our_config(cfg, ADDRESS))
+    assert "/backchat-localai" in mine["proxy"]["endpoints"]
+    assert backstage.without_ours(mine, cfg) == {"proxy": {"endpoints": {"/their-api": {"target": "http://theirs"}}}}
+    alone = backstage.our_config(cfg, ADDRESS)
+    assert backstage.restored_config(yaml.safe_dump(alone), None, cfg) is None, "nothing of theirs: no file"

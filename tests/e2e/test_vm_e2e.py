@@ -277,7 +277,7 @@ def assert_verified(run: Run, e2e: E2E) -> None:
     assert re.search(rf"^{HOST_NAME}\s+ok\s+llamacpp\s+{MODEL_ID}\b", table, re.M), table
     assert f"{e2e.api}/v1/models: lists {MODEL_ID}" in run.text, explain(run, e2e)
     # The GUI the user opens sees the model too (asked as its page asks).
-    assert f"chatbot-ui http://127.0.0.1:{e2e.gui_port}: lists {MODEL_ID}" in run.text, explain(run, e2e)
+    assert f"chatbot-ui https://127.0.0.1:{e2e.gui_port}: lists {MODEL_ID}" in run.text, explain(run, e2e)
 
 
 def assert_no_changes(run: Run, e2e: E2E) -> None:

@@ -337,7 +337,9 @@ def test_catalog_passes_backstage_validation_and_rules(npm_root, tmp_path, combo
     for service, url in apis.items():
         api = entities[f"api:default/backchat-{service}-api"]
         assert api["openapi"]["valid"] is True, api["openapi"]
-        assert api["openapi"]["servers"] == [f"{url}/v1"]
+        # With a key, Backstage's proxy endpoint first (relative, the page's own origin: the
+        # catalog is rendered here without the app's backend.baseUrl), then the host itself.
+        assert api["openapi"]["servers"] == [f"/api/proxy/backchat-{service}/v1", f"{url}/v1"]
         assert api["openapi"]["paths"]["/models"] == ["get"]
         assert api["openapi"]["paths"]["/chat/completions"] == ["post"]
         relations = entities[f"component:default/backchat-{service}"]["relations"]

@@ -134,24 +134,23 @@ def host_certificate(cfg, host_name: str, names) -> HostCertificate:
     wanted = alt_names(names)
     hosts_dir = _private_dir(Path(cfg.tls_ca_dir) / "hosts")
     cert_path, key_path = hosts_dir / f"{_slug(host_name)}.crt", hosts_dir / f"{_slug(host_name)}.key"
-    if cert_path.exists() and key_path.exists() and not _needs_new(cert_path, ca_cert, wanted):
-        return HostCertificate(cert_path.read_text(), Secret(key_path.read_text()), str(Path(cfg.tls_ca_dir) / "ca.crt"))
-    key = ec.generate_private_key(ec.SECP256R1())
-    first = next((str(name.value) for name in wanted), host_name)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, first[:64])]))
-        .issuer_name(ca_cert.subject).public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(_now() - datetime.timedelta(minutes=5))
-        .not_valid_after(_now() + datetime.timedelta(days=HOST_DAYS))
-        .add_extension(x509.SubjectAlternativeName(wanted), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    _replace(key_path, _key_pem(key), 0o600)
-    _replace(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    if not (cert_path.exists() and key_path.exists()) or _needs_new(cert_path, ca_cert, wanted):
+        key = ec.generate_private_key(ec.SECP256R1())
+        first = next((str(name.value) for name in wanted), host_name)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, first[:64])]))
+            .issuer_name(ca_cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(_now() - datetime.timedelta(minutes=5))
+            .not_valid_after(_now() + datetime.timedelta(days=HOST_DAYS))
+            .add_extension(x509.SubjectAlternativeName(wanted), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        _replace(key_path, _key_pem(key), 0o600)
+        _replace(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return HostCertificate(cert_path.read_text(), Secret(key_path.read_text()), str(Path(cfg.tls_ca_dir) / "ca.crt"))
 
 

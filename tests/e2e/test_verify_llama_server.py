@@ -92,9 +92,11 @@ def test_check_all_uses_the_settings(keyed_server):
         backend="llamacpp", localai_port=keyed_server.port, api_key=KEY,
         verify_timeout=10, verify_chat=True, chat_timeout=120,
     )
-    (result,) = check_all(cfg, "127.0.0.1", ControllerProbe(cfg.api_key))
+    result, gui = check_all(cfg, "127.0.0.1", ControllerProbe(cfg.api_key))
     assert result.ok, result
     assert result.url == keyed_server.url and result.detail.startswith("answered in")
+    # Then the GUI the user opens (Chatbot UI, port 3001): none runs here, and verify says so.
+    assert gui.service == "chatbot-ui" and not gui.ok and "the GUI did not answer" in gui.detail, gui
 
 
 def test_waiting_is_reported_while_it_lasts(model):

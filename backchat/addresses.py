@@ -65,6 +65,11 @@ def _scheme(cfg) -> str:
     return "https" if behind_front_door(cfg) else "http"
 
 
+def compose_services(cfg) -> list[str]:
+    """Every service of the compose file: the chosen ones, and the front door before them."""
+    return [*cfg.services, *(["frontdoor"] if behind_front_door(cfg) else [])]
+
+
 def published_services(cfg) -> list[str]:
     """Every service port users reach: the GUI and the APIs (Text Gen WebUI has both)."""
     names = list(cfg.services)

@@ -134,7 +134,7 @@ def write_and_start(cfg, threads: int) -> None:
     compose_up(
         name="Start the stack (docker compose up -d)",
         project_dir=cfg.stack_dir,
-        services=list(cfg.services) + (["frontdoor"] if addresses.behind_front_door(cfg) else []),
+        services=addresses.compose_services(cfg),
         files_changed=any(changed.values()) or door_changed,
         # LocalAI reads its model config at start, nginx its config and certificate;
         # compose cannot see those files change.

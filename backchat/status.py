@@ -20,7 +20,7 @@ from pyinfra.api import deploy, operation
 from pyinfra.context import state as current_state
 from pyinfra.facts.files import FileContents
 
-from backchat import model, outcomes, report, stack, transport, verify
+from backchat import addresses, model, outcomes, report, stack, transport, verify
 from backchat.addresses import api_urls, gui_url, public_address
 from backchat.facts import COMPOSE_PROJECT, ComposeProject, ModelFile, PhysicalCores, text_of
 from backchat.model_source import is_verified
@@ -34,6 +34,7 @@ IMAGE_SETTINGS = {
     "llamacpp": "llamacpp_image",
     "textgen": "textgen_image",
     "chatbot-ui": "chatbot_ui_image",
+    "frontdoor": "frontdoor_image",
 }
 
 
@@ -41,10 +42,10 @@ def containers(cfg, project: dict) -> tuple[list[dict], list[str]]:
     """(one row per service: state, health, image and pinned image; the problems)."""
     if project["docker"] != "ok":
         why = "Docker is not installed" if project["docker"] == "missing" else f"Docker is {project['docker']}"
-        return [], [f"{why}: {', '.join(cfg.services)} cannot be running"]
+        return [], [f"{why}: {', '.join(addresses.compose_services(cfg))} cannot be running"]
     found = {row.get("service"): row for row in project["containers"]}
     rows, problems = [], []
-    for service in cfg.services:
+    for service in addresses.compose_services(cfg):
         pinned = getattr(cfg, IMAGE_SETTINGS[service])
         row = found.get(service)
         if row is None:

@@ -76,7 +76,7 @@ def test_status_names_every_unhealthy_host_and_why_and_changes_nothing(day2, fle
         row = found[name]
         assert row["result"] == "UNHEALTHY", row
         # No Docker daemon runs in a sandbox root: nothing can be running, and status says so.
-        assert "Docker is unreachable" in row["failure"] and "localai, chatbot-ui cannot be running" in row["failure"]
+        assert "Docker is unreachable" in row["failure"] and "localai, chatbot-ui, frontdoor cannot be running" in row["failure"]
         assert "/v1/models" in row["failure"] and row["models_listed"] == {"localai": False}
         # Behind the HTTPS front door (the default for a LAN bind).
         assert row["gui_url"] == "https://ai.lab.test:3001" and row["backends"] == {"localai": "https://ai.lab.test:8080"}

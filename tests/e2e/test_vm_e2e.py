@@ -450,7 +450,8 @@ def test_day_two_status_then_uninstall_on_a_running_stack(e2e: E2E) -> None:
     (row,) = healthy.report
     assert row["result"] == "healthy", f"report: {row}\n" + explain(healthy, e2e)
     assert row["containers"] == "llamacpp running (healthy), chatbot-ui running, frontdoor running", row
-    assert row["models_listed"] == {"llamacpp": True} and row["model"] == f"{FILE} verified", row
+    # The backend serves the model, and the GUI the user opens sees it (as verify asks it).
+    assert row["models_listed"] == {"llamacpp": True, "chatbot-ui": True} and row["model"] == f"{FILE} verified", row
     assert [(s["service"], s["image"] == s["pinned"]) for s in row["services"]] == [
         ("llamacpp", True), ("chatbot-ui", True), ("frontdoor", True)]
     assert "--> Backchat status:" in healthy.text
@@ -462,7 +463,7 @@ def test_day_two_status_then_uninstall_on_a_running_stack(e2e: E2E) -> None:
     assert "] Success" not in sick.text, "status changed something"
     (row,) = sick.report
     assert row["result"] == "UNHEALTHY" and "chatbot-ui is exited" in row["failure"], row
-    assert row["models_listed"] == {"llamacpp": True}, "the backend still serves the model"
+    assert row["models_listed"] == {"llamacpp": True, "chatbot-ui": False}, "the backend still serves it; the GUI is gone"
 
     volumes = "docker volume ls -q --filter label=com.docker.compose.project=backchat"
     vm.run("docker volume create --label com.docker.compose.project=backchat backchat_extra >/dev/null")

@@ -78,10 +78,14 @@ def published_services(cfg) -> list[str]:
     return names
 
 
+def gui_service(cfg) -> str:
+    """The service whose port is the chat GUI users open."""
+    return "chatbot-ui" if cfg.frontend == "chatbot-ui" else "textgen-gui"
+
+
 def gui_url(cfg, address: str) -> str:
     """The chat GUI users open (and Backstage iframes)."""
-    service = "chatbot-ui" if cfg.frontend == "chatbot-ui" else "textgen-gui"
-    return f"{_scheme(cfg)}://{address}:{host_port(cfg, service)}"
+    return f"{_scheme(cfg)}://{address}:{host_port(cfg, gui_service(cfg))}"
 
 
 def api_urls(cfg, address: str) -> dict[str, str]:

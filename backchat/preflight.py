@@ -56,8 +56,7 @@ def problems(cfg, os_info: dict, memory_mb: int | None, init: str = "systemd") -
 
 def wanted_ports(cfg) -> dict[int, str]:
     """Host port -> the setting that chose it, for every service this host will run."""
-    services = list(cfg.services) + (["textgen-gui"] if "textgen" in cfg.services else [])
-    return {addresses.host_port(cfg, service): PORT_SETTINGS[service] for service in services}
+    return {addresses.host_port(cfg, service): PORT_SETTINGS[service] for service in addresses.published_services(cfg)}
 
 
 def port_problems(cfg, listening: dict[int, str], stack_exists: bool) -> list[str]:

@@ -21,7 +21,7 @@ from pyinfra.api import FunctionCommand, operation
 from pyinfra.context import state as current_state
 
 from backchat import outcomes, tls
-from backchat.addresses import api_urls, connect_address, gui_url, public_address
+from backchat.addresses import api_urls, connect_address, gui_service, gui_url, public_address
 from backchat.probes import Answer, ControllerProbe, HostProbe, Unreachable
 
 QUESTION = "Who was the president of the United States in 1997?"
@@ -119,7 +119,6 @@ def _poll(service: str, url: str, attempt, timeout: float, on_wait, every: float
 # /api/models, which asks the backend server-side with OPENAI_API_KEY and keeps only
 # OpenAI model ids (a backend that refuses the key becomes a 500 there). Text Gen WebUI's
 # GUI runs in the same process as its API: its page answering is enough.
-GUI_SERVICES = {"chatbot-ui": "chatbot-ui", "textgen": "textgen-gui"}
 
 
 def _gui_models(answer: Answer | None, error: Unreachable | None, frontend: str, model_id: str):
@@ -156,7 +155,7 @@ def wait_for_gui(cfg, gui: str, probe, on_wait: Callable[[str], None] | None = N
             return _gui_models(None, error, cfg.frontend, cfg.model_id)
         return _gui_models(answer, None, cfg.frontend, cfg.model_id)
 
-    return _poll(GUI_SERVICES[cfg.frontend], gui, attempt, cfg.verify_timeout, on_wait, every)
+    return _poll(gui_service(cfg), gui, attempt, cfg.verify_timeout, on_wait, every)
 
 
 # /v1/models lists a model before (Text Gen WebUI: even when) loading fails; these answer
@@ -244,7 +243,7 @@ def probe_for(cfg, checked_host):
 
 def _report_results(state, host, cfg, results: list[Result]) -> bool:
     for result in results:
-        where = "" if result.service in GUI_SERVICES.values() else "/v1/models"
+        where = "" if result.service == gui_service(cfg) else "/v1/models"
         line = f"{result.service} {result.url}{where}: " + (
             f"lists {cfg.model_id} ({result.seconds}s)" if result.ok else result.detail
         )

@@ -4,7 +4,10 @@ backchat.hub's resolution against a stand-in Hub that speaks the Hub's protocol.
 from __future__ import annotations
 
 import hashlib
+import json
 import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -152,3 +155,54 @@ def test_a_hub_nobody_answers_is_unreachable():
         port = sock.getsockname()[1]
     answer = hub.resolve(f"http://127.0.0.1:{port}", "org/model-GGUF", "model.gguf", "main", None)
     assert answer["unreachable"] is True and "Fix: check the network" in answer["error"]
+
+
+# Under pyinfra every host plans in its own greenlet, with threading patched by gevent. The
+# lookup must hold the others back while its child process runs: run it as pyinfra does.
+_CONCURRENT_LOOKUPS = r"""
+from gevent import monkey
+monkey.patch_all()  # as pyinfra_cli does, before anything else is imported
+
+import json
+import subprocess
+import sys
+
+import gevent
+
+from backchat import model_source
+
+calls, ended, started = [], [], []
+
+
+def slow_hub(args, token):
+    calls.append(args)
+    # A real child process, as run_hub starts: under gevent, waiting for it lets the
+    # other greenlets run, so they reach resolve() while this lookup is still going.
+    subprocess.run([sys.executable, "-c", "import time; time.sleep(0.5)"], check=True)
+    ended.append(args)
+    return {"repo": "r/m", "filename": "f.gguf", "commit": "c" * 40, "sha256": "a" * 64, "size": 5}
+
+
+model_source.run_hub = slow_hub
+
+
+def host():
+    started.append(len(ended))
+    return model_source.resolve("http://hub", "r/m", "f.gguf", "main", None)
+
+
+greenlets = [gevent.spawn(host) for _ in range(10)]
+gevent.joinall(greenlets, raise_error=True)
+print(json.dumps({"calls": len(calls), "answers": len({g.value for g in greenlets}), "started": started}))
+"""
+
+
+def test_ten_hosts_planning_at_once_under_gevent_ask_the_hub_once():
+    done = subprocess.run([sys.executable, "-c", _CONCURRENT_LOOKUPS], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    # Every greenlet entered resolve() before the first lookup had ended, so they really
+    # ran at the same time ...
+    assert seen["started"] == [0] * 10, seen
+    # ... and the Hub was asked once, every host getting the same answer.
+    assert seen["calls"] == 1 and seen["answers"] == 1, seen

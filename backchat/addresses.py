@@ -71,9 +71,10 @@ def compose_services(cfg) -> list[str]:
 
 
 def published_services(cfg) -> list[str]:
-    """Every service port users reach: the GUI and the APIs (Text Gen WebUI has both)."""
+    """Every service port users reach: the GUI and the APIs. Text Gen WebUI's own GUI only
+    when it is the GUI users open: it can load and unload models, and has no password."""
     names = list(cfg.services)
-    if "textgen" in names:
+    if cfg.frontend == "textgen":
         names.insert(names.index("textgen") + 1, "textgen-gui")
     return names
 
@@ -132,6 +133,7 @@ def doors(cfg) -> list[dict]:
     if not behind_front_door(cfg):
         return []
     return [
-        {"service": service, "port": host_port(cfg, service), "upstream": internal_address(service)}
+        {"service": service, "port": host_port(cfg, service), "upstream": internal_address(service),
+         "api": service in API_SERVICES}
         for service in published_services(cfg)
     ]

@@ -100,7 +100,12 @@ SETTINGS: tuple[Setting, ...] = (
     # Images
     _S("localai_image", "localai/localai:v4.9.0", checks.image, "pinned tag, any registry"),
     _S("chatbot_ui_image", "ghcr.io/mckaywrigley/chatbot-ui:main", checks.image, "pinned tag, any registry"),
-    _S("textgen_image", "atinoda/text-generation-webui:default-cpu", checks.image, "pinned tag, any registry"),
+    # Atinoda tags a release `{variant}-{platform}-{version}`, the version being
+    # text-generation-webui's own release tag (its Dockerfile checks out $VERSION_TAG).
+    # v4.7.3: the release run here against our flags (v4.1+ lists the model by name; older
+    # ones list a file path that Chatbot UI drops). `default-cpu` alone floats.
+    _S("textgen_image", "atinoda/text-generation-webui:default-cpu-v4.7.3", checks.image,
+       "pinned tag, any registry"),
     _S("llamacpp_image", "ghcr.io/ggml-org/llama.cpp:server-b11206", checks.image, "pinned tag, any registry"),
     _S("frontdoor_image", "nginx:1.30.4", checks.image, "pinned tag, any registry (nginx stable)"),
     _S("image_archives", [], checks.image_archives,

@@ -19,6 +19,8 @@ from backchat.facts import COMPOSE_PROJECT as PROJECT
 from backchat.facts import ComposeStack, DockerImageTags, PhysicalCores
 
 FRONTDOOR_CONF = "frontdoor.conf"
+# Beside the front door's certificate: the nginx map that knows the API key (mode 0600).
+DOOR_KEY_MAP = "api-key.conf"
 
 
 def thread_count(cfg, cores: dict) -> int:
@@ -36,7 +38,12 @@ def textgen_args(cfg, threads: int) -> str:
         # Without a template in the GGUF it would format chats as Alpaca; the model speaks ChatML.
         "--chat-template-file", "user_data/instruction-templates/ChatML.yaml",
     ]
-    if cfg.api_key:
+    if cfg.frontend != "textgen":
+        # Its GUI can load and unload models and has no password: not run unless it is the GUI.
+        args.append("--nowebui")
+    if cfg.api_key and not addresses.behind_front_door(cfg):
+        # It prints the key in its log at start (modules/api/script.py); behind the front
+        # door, which checks the key itself, it gets none to print.
         args += ["--api-key", "${BACKCHAT_API_KEY:?BACKCHAT_API_KEY missing from .env}"]
     return " ".join(args)
 
@@ -58,6 +65,7 @@ def render(template: str, cfg, threads: int, **where) -> str:
         "tls_dir": tls.CONTAINER_DIR,
         "docker_dns": True,
         "pid_file": "/run/nginx.pid",
+        "key_map_file": DOOR_KEY_MAP,
     }
     return resources.render(template, cfg=cfg, threads=threads, **{**values, **where})
 
@@ -68,6 +76,11 @@ def env_lines(cfg) -> tuple:
     if cfg.api_key:
         lines += ["BACKCHAT_API_KEY=", cfg.api_key, "\n"]
     return tuple(lines)
+
+
+def door_key_lines(cfg) -> tuple:
+    """The front door's key map (an nginx ``map``): 1 for the right Authorization header."""
+    return ("map $http_authorization $backchat_key_ok {\n    default 0;\n    \"Bearer ", cfg.api_key, "\" 1;\n}\n")
 
 
 def rendered_files(cfg, threads: int) -> dict[str, tuple[str, str]]:
@@ -95,7 +108,8 @@ def certificate_names(cfg) -> list[str]:
 
 
 def write_certificate(cfg) -> bool:
-    """The front door's certificate and key (0600) in ``stack_dir/tls``: did either change?"""
+    """The front door's certificate, its key and the API key map (both 0600) in
+    ``stack_dir/tls``: did any change?"""
     certificate = tls.host_certificate(cfg, host.name, certificate_names(cfg))
     outcomes.record(host.name, trust=certificate.trust or "your certificate's issuer")
     directory = f"{cfg.stack_dir}/{tls.HOST_DIR}"
@@ -104,7 +118,12 @@ def write_certificate(cfg) -> bool:
                      dest=f"{directory}/{tls.CERT_FILE}", mode="0644")
     key = secrets.secret_file(name=f"Write {tls.HOST_DIR}/{tls.KEY_FILE} (0600)", dest=f"{directory}/{tls.KEY_FILE}",
                               lines=(certificate.key_pem,))
-    return cert.will_change or key.will_change
+    changed = [cert.will_change, key.will_change]
+    if cfg.api_key:
+        key_map = secrets.secret_file(name=f"Write {tls.HOST_DIR}/{DOOR_KEY_MAP} (0600)",
+                                      dest=f"{directory}/{DOOR_KEY_MAP}", lines=door_key_lines(cfg))
+        changed.append(key_map.will_change)
+    return any(changed)
 
 
 def tune() -> dict:

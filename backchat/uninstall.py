@@ -34,7 +34,7 @@ def stack_paths(cfg) -> list[str]:
     return [
         "docker-compose.yaml", ".env", ".hf-token-header", "bin/fetch-model", *archives,
         stack.FRONTDOOR_CONF, f"{tls.HOST_DIR}/{tls.CERT_FILE}", f"{tls.HOST_DIR}/{tls.KEY_FILE}",
-        "bin", "images", tls.HOST_DIR, ".",
+        f"{tls.HOST_DIR}/{stack.DOOR_KEY_MAP}", "bin", "images", tls.HOST_DIR, ".",
     ]
 
 

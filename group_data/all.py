@@ -101,7 +101,7 @@
 # --- Images (pinned; point them at a private registry for air-gapped labs) -------
 # localai_image = 'localai/localai:v4.9.0'
 # chatbot_ui_image = 'ghcr.io/mckaywrigley/chatbot-ui:main'
-# textgen_image = 'atinoda/text-generation-webui:default-cpu'
+# textgen_image = 'atinoda/text-generation-webui:default-cpu-v4.7.3'
 # llama.cpp's build-numbered tag (its default port is changing; the compose file sets it).
 # llamacpp_image = 'ghcr.io/ggml-org/llama.cpp:server-b11206'
 # The front door: nginx's stable line (the official image, Debian-based, with curl).

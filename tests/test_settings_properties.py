@@ -510,18 +510,17 @@ def _models_dir(f: Files) -> list:
     return found
 
 
-# service -> [(host-port setting, index in its ports list)]
-_PUBLISHED = {
-    "localai": [("localai_port", 0)],
-    "llamacpp": [("localai_port", 0)],
-    "textgen": [("textgen_port", 0), ("textgen_api_port", 1)],
-    "chatbot-ui": [("chatbot_ui_port", 0)],
-}
+def _published(cfg, service: str) -> list[tuple[str, int]]:
+    """[(host-port setting, index in the service's ports list)]; Text Gen WebUI's GUI port
+    only when it is the GUI users open."""
+    if service == "textgen":
+        return [("textgen_port", 0), ("textgen_api_port", 1)] if cfg.frontend == "textgen" else [("textgen_api_port", 0)]
+    return [({"chatbot-ui": "chatbot_ui_port"}.get(service, "localai_port"), 0)]
 _API_PORT = {"localai": "localai_port", "llamacpp": "localai_port", "textgen": "textgen_api_port"}
 
 
-# The front door's server block for a service's port (Text Gen WebUI: GUI first, API second).
-_DOOR = {("textgen", 0): "textgen-gui", ("textgen", 1): "textgen"}
+# The front door's server block for a host-port setting of a service.
+_DOOR = {("textgen", "textgen_port"): "textgen-gui"}
 
 
 def _behind_door(cfg) -> bool:
@@ -566,11 +565,11 @@ def _port(name: str):
         found = []
         value = str(getattr(f.cfg, name))
         for svc in f.cfg.services:
-            for setting, index in _PUBLISHED[svc]:
+            for setting, index in _published(f.cfg, svc):
                 if setting != name:
                     continue
                 if f.frontdoor is not None:
-                    door = _DOOR.get((svc, index), svc)
+                    door = _DOOR.get((svc, setting), svc)
                     found.append((f"front door listener for {door}", _door_listen(f, door), value))
                     published = at(f.compose, "services", "frontdoor", "ports")
                     found.append((f"front door publishes {door}", f"{f.cfg.bind_address}:{value}:{value}" in published, True))

@@ -13,7 +13,7 @@ import re
 import pytest
 import yaml
 
-from backchat import secrets, settings, stack
+from backchat import addresses, secrets, settings, stack
 from tests.cfg import make_cfg
 from tests.variants import COMBINATIONS
 
@@ -119,7 +119,7 @@ def test_compose_images_come_from_settings(rendered):
     images = {
         "localai": (cfg.localai_image, "localai/localai:v4.9.0"),
         "llamacpp": (cfg.llamacpp_image, "ghcr.io/ggml-org/llama.cpp:server-b11206"),
-        "textgen": (cfg.textgen_image, "atinoda/text-generation-webui:default-cpu"),
+        "textgen": (cfg.textgen_image, "atinoda/text-generation-webui:default-cpu-v4.7.3"),
         "chatbot-ui": (cfg.chatbot_ui_image, "ghcr.io/mckaywrigley/chatbot-ui:main"),
     }
     for name in cfg.services:
@@ -135,6 +135,8 @@ def test_compose_ports_default(rendered):
         "textgen": ["0.0.0.0:7860:7860", "0.0.0.0:5001:5000"],
         "chatbot-ui": ["0.0.0.0:3001:3000"],
     }
+    if rendered.cfg.frontend != "textgen":  # its GUI is published only when it is the GUI
+        expected["textgen"] = ["0.0.0.0:5001:5000"]
     for name in rendered.cfg.services:
         assert rendered.service(name)["ports"] == expected[name], name
 
@@ -155,7 +157,7 @@ def test_compose_ports_follow_port_and_bind_settings(combo_):
     expected = {
         "localai": ["127.0.0.1:18080:8080"],
         "llamacpp": ["127.0.0.1:18080:8080"],
-        "textgen": ["127.0.0.1:17860:7860", "127.0.0.1:15001:5000"],
+        "textgen": ["127.0.0.1:17860:7860", "127.0.0.1:15001:5000"][frontend != "textgen":],
         "chatbot-ui": ["127.0.0.1:13001:3000"],
     }
     for name in cfg.services:
@@ -297,7 +299,9 @@ def test_textgen_service(rendered):
         assert args[args.index(flag) + 1] == value, flag
     # Only the model file: Text Gen WebUI loads the first .gguf of the folder it is given.
     assert svc["volumes"] == [f"{cfg.models_dir}/{MODEL_FILE}:/app/user_data/models/{MODEL_ID}/{MODEL_FILE}:ro"]
-    if cfg.api_key:
+    # Its GUI (which can load and unload models, with no password) runs only as the GUI.
+    assert ("--nowebui" in args) == (cfg.frontend != "textgen")
+    if cfg.api_key and not addresses.behind_front_door(cfg):
         raw = svc["environment"]["EXTRA_LAUNCH_ARGS"]
         assert "--api-key" in args
         assert args[args.index("--api-key") + 1].startswith("${BACKCHAT_API_KEY")
@@ -313,6 +317,18 @@ def test_textgen_args_is_one_string_of_flags():
         "--threads 4 --threads-batch 4 --ctx-size 8192 --gpu-layers 0 "
         "--chat-template-file user_data/instruction-templates/ChatML.yaml"
     )
+
+
+def test_textgen_gets_no_key_to_print_behind_the_front_door():
+    """Issue 13, defect 5: Text Gen WebUI prints its --api-key at start, so `docker logs`
+    would show it. Behind the front door, which checks the key, it is given none; without
+    the door (loopback only) it still needs its own."""
+    with_door = make_cfg(backend="textgen", frontend="chatbot-ui", tls=True, api_key="k" * 24)
+    assert "--api-key" not in stack.textgen_args(with_door, 4).split()
+    assert "BACKCHAT_API_KEY" not in Rendered(with_door, 4).service("textgen")["environment"]["EXTRA_LAUNCH_ARGS"]
+    loopback = make_cfg(backend="textgen", frontend="chatbot-ui", tls=True, bind_address="127.0.0.1",
+                        api_key="k" * 24)
+    assert "--api-key" in stack.textgen_args(loopback, 4).split()
 
 
 # --- llama.cpp ---------------------------------------------------------------------------

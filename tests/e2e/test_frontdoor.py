@@ -32,7 +32,7 @@ import httpx
 import pytest
 from cryptography import x509
 
-from backchat import stack, tls
+from backchat import secrets, stack, tls
 from backchat.verify import GUI_SYSTEM_PROMPT
 from tests.e2e.test_real_model import chatbot_ui_text, correct_client_text, sse_data
 from testbed import llama_server as ls
@@ -56,7 +56,8 @@ def _free_port() -> int:
 def llama(smollm2):
     if os.geteuid() != 0:
         pytest.skip("llama-server runs in a chroot: needs root")
-    with ls.LlamaServer(Path(smollm2.path), alias="gpt-3.5-turbo", api_key=KEY,
+    # No key of its own, like Text Gen WebUI behind the door: a 401 can come only from the door.
+    with ls.LlamaServer(Path(smollm2.path), alias="gpt-3.5-turbo",
                         extra_args=["--chat-template", "chatml", "--threads", "1"]) as server:
         yield server
 
@@ -81,7 +82,8 @@ class FrontDoor:
         (certs / tls.CERT_FILE).write_text(certificate.cert_pem)
         (certs / tls.KEY_FILE).write_text(certificate.key_pem.reveal())
         (certs / tls.KEY_FILE).chmod(0o600)
-        doors = [{"service": "llamacpp", "port": self.port, "upstream": upstream}]
+        (certs / stack.DOOR_KEY_MAP).write_text(secrets.reveal(stack.door_key_lines(self.cfg)))
+        doors = [{"service": "llamacpp", "port": self.port, "upstream": upstream, "api": True}]
         self.relay_port = _free_port()
         conf = stack.render("frontdoor.conf.j2", self.cfg, 1, doors=doors, tls_dir=str(certs),
                             docker_dns=False, pid_file=str(workdir / "nginx.pid"),
@@ -165,6 +167,24 @@ def test_plain_http_is_refused_and_the_key_is_still_needed(door):
     plain = httpx.get(f"http://127.0.0.1:{door.port}/v1/models")
     assert plain.status_code == 400 and "HTTPS port" in plain.text
     assert httpx.get(f"{door.url}/v1/models", verify=door.trust).status_code == 401
+
+
+def test_the_door_checks_the_key_before_any_backend_sees_the_request(door, llama):
+    """Issue 13, defect 5: Text Gen WebUI prints its own key in its log, so behind the door
+    it has none and the door checks it. The backend here has no key either: it answers a
+    keyless request (the defect the door closes), and through the door a missing or wrong
+    key gets the door's 401 while the right one and a CORS preflight pass."""
+    assert httpx.get(f"{llama.url}/v1/models").status_code == 200, "the backend itself checks no key"
+    for headers in ({}, {"Authorization": "Bearer sk-wrong-key-0123456789"}, {"Authorization": KEY}):
+        refused = httpx.get(f"{door.url}/v1/models", verify=door.trust, headers=headers)
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == 401, headers
+        assert refused.headers["content-type"] == "application/json"
+    right = httpx.get(f"{door.url}/v1/models", verify=door.trust, headers={"Authorization": f"Bearer {KEY}"})
+    assert right.status_code == 200
+    preflight = httpx.options(f"{door.url}/v1/chat/completions", verify=door.trust, headers={
+        "Origin": "https://backstage.example.com", "Access-Control-Request-Method": "POST"})
+    assert preflight.status_code != 401
+    assert KEY not in door.conf.read_text(), "the key lives in the 0600 map file, not in frontdoor.conf"
 
 
 def test_a_streamed_answer_arrives_in_pieces_through_the_door(door):

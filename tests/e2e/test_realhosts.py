@@ -140,7 +140,8 @@ def test_trixie_is_deployed_for_real(first_run, fleet, model_bytes, hub):
     assert sorted(compose["services"]) == ["chatbot-ui", "frontdoor", "localai"]
     assert compose["services"]["frontdoor"]["ports"] == ["0.0.0.0:8080:8080", "0.0.0.0:3001:3001"]
     assert "listen 8080 ssl;" in trixie.run("cat /opt/backchat/frontdoor.conf").stdout
-    assert trixie.run("stat -c %a /opt/backchat/tls /opt/backchat/tls/key.pem").stdout.split() == ["700", "600"]
+    assert trixie.run("stat -c %a /opt/backchat/tls /opt/backchat/tls/key.pem /opt/backchat/tls/api-key.conf"
+                      ).stdout.split() == ["700", "600", "600"]
     cert = x509.load_pem_x509_certificate(trixie.run("cat /opt/backchat/tls/cert.pem").stdout.encode())
     names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert {"ai.lab.test", "ai-trixie"} <= set(names.get_values_for_type(x509.DNSName))

@@ -33,12 +33,14 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from testbed import npm
 from testbed.sandbox import flock
@@ -253,8 +255,19 @@ STARTUP_FAILED = "Backend startup failed"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
+@dataclass(frozen=True)
+class Https:
+    """The backend serves https (``backend.https.certificate``, read with ``$file``):
+    its certificate and key (PEM files) and the CA file that verifies them."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+
 class BackstageBackend:
-    """A Backstage backend serving the app in ``app_dir`` on ``127.0.0.1:<port>``.
+    """A Backstage backend serving the app in ``app_dir`` on ``127.0.0.1:<port>``, over
+    http, or over https with ``https``.
 
     The test writes the config files into ``app_dir``, including the keys of
     :meth:`server_config`. Use as a context manager: starts, waits until ready, always
@@ -270,6 +283,7 @@ class BackstageBackend:
         log_path: Path | None = None,
         ready_timeout: float = 240.0,
         env: dict[str, str] | None = None,
+        https: Https | None = None,
     ) -> None:
         self.app_dir = Path(app_dir)
         self.configs = list(configs) if configs is not None else None
@@ -278,7 +292,9 @@ class BackstageBackend:
         self.log_path = Path(log_path) if log_path else self.app_dir / "backend.log"
         self.ready_timeout = ready_timeout
         self.extra_env = dict(env or {})
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.https = https
+        self.url = f"{'https' if https else 'http'}://127.0.0.1:{self.port}"
+        self.ssl_context = ssl.create_default_context(cafile=str(https.ca)) if https else None
         self.proc: subprocess.Popen | None = None
         self.started_at = 0.0
         self.start_seconds: float | None = None
@@ -290,8 +306,9 @@ class BackstageBackend:
     def server_config(self, token: str = TOKEN) -> dict:
         """The app-config keys the harness relies on: where the backend listens (127.0.0.1
         only), the URLs it and the app bundle are served at (production-style: the backend
-        serves the app) and a static access token for the tests' API calls."""
-        return {
+        serves the app), a static access token for the tests' API calls, and the
+        certificate when it serves https."""
+        config = {
             "app": {"baseUrl": self.url},
             "backend": {
                 "baseUrl": self.url,
@@ -303,6 +320,11 @@ class BackstageBackend:
                 },
             },
         }
+        if self.https:
+            config["backend"]["https"] = {
+                "certificate": {"cert": {"$file": str(self.https.cert)}, "key": {"$file": str(self.https.key)}},
+            }
+        return config
 
     # -- the app directory, laid out like a create-app repository ---------------------------
 
@@ -380,7 +402,7 @@ class BackstageBackend:
             if STARTUP_FAILED in self.log():
                 raise BackendError(f"the backend did not start ({self.mode}):\n{self.log()[-5000:]}")
             try:
-                with urllib.request.urlopen(self.url + READY_PATH, timeout=5) as response:
+                with urllib.request.urlopen(self.url + READY_PATH, timeout=5, context=self.ssl_context) as response:
                     if response.status == 200:
                         self.start_seconds = time.monotonic() - self.started_at
                         _record(f"backend start ({self.mode})", self.start_seconds)
@@ -433,7 +455,7 @@ class BackstageBackend:
             all_headers["Authorization"] = f"Bearer {token}"
         request = urllib.request.Request(self.url + path, method=method, headers=all_headers, data=body)
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
+            with urllib.request.urlopen(request, timeout=timeout, context=self.ssl_context) as response:
                 return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
         except urllib.error.HTTPError as error:
             return error.code, {k.lower(): v for k, v in error.headers.items()}, error.read()
@@ -445,6 +467,26 @@ class BackstageBackend:
         if status != 200:
             raise BackendError(f"{method} {path} answered {status}: {data[:2000]!r}")
         return json.loads(data)
+
+
+# --- the browser's trust ----------------------------------------------------------------------
+
+CERTUTIL = "certutil"  # Debian package libnss3-tools
+
+
+def trusting_home(ca: Path, home: Path) -> Path:
+    """A HOME for headless Chromium that trusts ``ca`` for web sites: Chromium on Linux
+    takes the trust anchors a user added from the NSS db in ``$HOME/.pki/nssdb`` (not
+    from the system's store), so the handshakes are really verified against ``ca``."""
+    if shutil.which(CERTUTIL) is None:
+        raise BackendError("certutil is not installed (Debian package libnss3-tools)")
+    db = home / ".pki" / "nssdb"
+    db.mkdir(parents=True, mode=0o700)
+    for argv in (["-N", "--empty-password"], ["-A", "-n", "backchat-test-ca", "-t", "C,,", "-i", str(ca)]):
+        done = subprocess.run([CERTUTIL, "-d", f"sql:{db}", *argv], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise BackendError(f"certutil {' '.join(argv)} exited {done.returncode}: {done.stderr}")
+    return home
 
 
 # --- app directories outside /tmp ----------------------------------------------------------

@@ -1,9 +1,13 @@
 // Open a page of the Backstage backend in headless Chromium (Debian's
 // /usr/bin/chromium, driven by playwright-core) and print, as JSON, what the
 // stand-in app bundle recorded in window.backchat (app/dist/static/backchat.js),
-// the frames' URLs and the console.
+// the frames' URLs, the console (Chromium's own messages too, such as a blocked
+// mixed-content frame) and why the page did not load, if it did not.
 //
 //   node browser.js --url http://127.0.0.1:PORT/ [--timeout-ms 15000] [--map NAME ...]
+//
+// Chromium trusts the CAs of the NSS db in $HOME/.pki/nssdb (see
+// testbed/backstage_backend.py: trusting_home).
 //
 // Run with the cached install's node_modules on NODE_PATH's place: the harness
 // passes BACKCHAT_NPM_ROOT. --map NAME makes Chromium resolve NAME to 127.0.0.1
@@ -43,15 +47,27 @@ async function main() {
   try {
     const page = context.pages()[0] ?? await context.newPage();
     page.on('console', message => messages.push(`${message.type()}: ${message.text()}`));
-    const response = await page.goto(url, { waitUntil: 'load', timeout });
+    let response = null;
+    let navigationError = null;
     try {
-      await page.waitForFunction(() => window.backchat && window.backchat.done(), null, { timeout });
+      response = await page.goto(url, { waitUntil: 'load', timeout });
     } catch (error) {
-      // Report what there is; the test says what is missing.
+      // A page that does not load (e.g. its certificate is not trusted) is a result too.
+      navigationError = String(error.message ?? error).split('\n')[0];
     }
-    const state = await page.evaluate(() => (window.backchat ? window.backchat.state : null));
+    if (navigationError === null) {
+      try {
+        await page.waitForFunction(() => window.backchat && window.backchat.done(), null, { timeout });
+      } catch (error) {
+        // Report what there is; the test says what is missing.
+      }
+    }
+    // After a failed navigation Chromium is still busy with its error page.
+    const state = navigationError === null
+      ? await page.evaluate(() => (window.backchat ? window.backchat.state : null)) : null;
     const result = state ? { script: true, ...state } : { script: false };
     result.status = response ? response.status() : null;
+    result.navigationError = navigationError;
     result.frames = page.frames().map(frame => frame.url());
     result.console = messages;
     process.stdout.write(JSON.stringify(result, null, 2) + '\n');

@@ -183,10 +183,11 @@ class App:
 
     def __init__(self, root: Path, log_dir: Path, npm_root: Path, gui_port: int,
                  configs: list[str] | None = None, base_extra: dict | None = None,
-                 env: dict[str, str] | None = None, lab_hosts: list | None = None, **cfg_overrides) -> None:
+                 env: dict[str, str] | None = None, lab_hosts: list | None = None, https: bb.Https | None = None,
+                 **cfg_overrides) -> None:
         self.root = root
         self.backend = bb.BackstageBackend(root, configs=configs, npm_root=npm_root,
-                                           log_path=log_dir / "backend.log", env=env)
+                                           log_path=log_dir / "backend.log", env=env, https=https)
         self.base = bb.deep_merge(self.app_config(), self.backend.server_config())
         self.base = bb.deep_merge(self.base, base_extra or {})
         self.base_path.write_text(yaml.safe_dump(self.base, sort_keys=False))
@@ -208,8 +209,9 @@ class App:
             self.catalog_path.write_text(backstage.render_lab_catalog(self.served, backstage.backend_url(self.base)))
         self.our_refs_at_start = self.our_refs()  # what backchat wrote, before any mutation
         # What a browser must reach, named independently of backchat's helpers.
-        self.gui = f"http://{ADDRESS}:{gui_port}"
-        self.api = f"http://{ADDRESS}:{self.cfg.localai_port}"
+        scheme = "https" if cfg_overrides.get("tls") else "http"
+        self.gui = f"{scheme}://{ADDRESS}:{gui_port}"
+        self.api = f"{scheme}://{ADDRESS}:{self.cfg.localai_port}"
 
     def app_config(self) -> dict:
         return {
@@ -564,13 +566,18 @@ def test_with_explicit_config_flags_app_config_local_yaml_is_not_read(production
 # --- the browser ---------------------------------------------------------------------------
 
 
-def browser_visit(app: App, npm_root: Path) -> dict:
-    """Open the Backstage-served page in headless Chromium; what the stand-in bundle saw."""
+def browser_visit(app: App, npm_root: Path, url: str | None = None, names: tuple[str, ...] = (ADDRESS,),
+                  home: Path | None = None) -> dict:
+    """Open the Backstage-served page (or ``url``) in headless Chromium, with ``names``
+    resolved to 127.0.0.1 and, with ``home``, the CAs of its NSS db trusted
+    (:func:`bb.trusting_home`); what the stand-in bundle saw."""
     started = time.monotonic()
+    maps = [arg for name in names for arg in ("--map", name)]
     done = subprocess.run(
-        ["node", str(BROWSER_SCRIPT), "--url", app.backend.url + "/", "--timeout-ms", "15000", "--map", ADDRESS],
+        ["node", str(BROWSER_SCRIPT), "--url", url or app.backend.url + "/", "--timeout-ms", "15000", *maps],
         capture_output=True, text=True, timeout=120,
-        env={**os.environ, "BACKCHAT_NPM_ROOT": str(npm_root), "BACKCHAT_CHROMIUM": str(CHROMIUM)},
+        env={**os.environ, "BACKCHAT_NPM_ROOT": str(npm_root), "BACKCHAT_CHROMIUM": str(CHROMIUM),
+             **({"HOME": str(home)} if home else {})},
     )
     assert done.returncode == 0, f"browser.js exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     result = json.loads(done.stdout)

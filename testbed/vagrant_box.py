@@ -30,12 +30,11 @@ import os
 import shutil
 import subprocess
 import tarfile
-import tempfile
 import time
 from pathlib import Path
 
 from testbed import vm as vmh
-from testbed.sandbox import CACHE, flock, remove_tree, sh
+from testbed.sandbox import CACHE, sh
 
 log = logging.getLogger(__name__)
 
@@ -104,13 +103,8 @@ def vagrant_box() -> Path:
         return out
     base = vmh.vm_disk_image()
     BOX_DIR.mkdir(parents=True, exist_ok=True)
-    with flock(BOX_DIR / f"{out.name}.lock"):
-        if out.is_file():
-            return out
-        for stale in BOX_DIR.glob(f".build-{out.name}-*"):
-            remove_tree(stale)
-        build = Path(tempfile.mkdtemp(prefix=f".build-{out.name}-", dir=BOX_DIR))
-        try:
+    with vmh.cached_build(out) as build:
+        if build is not None:
             started = time.monotonic()
             raw = build / "disk.img"
             sh("cp", "--sparse=always", base, raw)
@@ -130,8 +124,6 @@ def vagrant_box() -> Path:
                     box.add(build / name, arcname=name)
             os.rename(tmp, out)
             log.info("built Vagrant box in %.0fs: %s", time.monotonic() - started, out)
-        finally:
-            remove_tree(build)
     return out
 
 

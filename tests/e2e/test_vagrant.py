@@ -42,7 +42,6 @@ from testbed.deploy_runner import PROJECT, DeployRun
 from testbed.fixtures import require_realhosts
 from testbed.hub import FakeHub
 from testbed.real_model import real_model
-from testbed.sandbox import CACHE
 from tests.e2e.test_vm_e2e import API_KEY, CHATBOT_UI_IMAGE, FRONTDOOR_IMAGE, IMAGES, LLAMA_IMAGE, MODEL_ID
 
 pytestmark = [pytest.mark.vm, pytest.mark.realhost]

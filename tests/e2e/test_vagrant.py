@@ -117,7 +117,13 @@ def box(tmp_path_factory) -> Iterator[Box]:
     reason = vbox.unavailable_reason()
     if reason:
         _unavailable(reason)
-    workdir = tmp_path_factory.mktemp("vagrant")
+    # Other pytest runs rotate the tmp dirs: BACKCHAT_VM_LOG_DIR keeps the logs, as in the VM test.
+    log_root = os.environ.get("BACKCHAT_VM_LOG_DIR")
+    if log_root:
+        workdir = Path(log_root) / time.strftime("vagrant-%Y%m%d-%H%M%S")
+        workdir.mkdir(parents=True)
+    else:
+        workdir = tmp_path_factory.mktemp("vagrant")
     timings: dict[str, float] = {}
     cold = not vbox.box_path().is_file()
     started = time.monotonic()
@@ -190,6 +196,7 @@ def readme_deploy(box: Box, label: str, **settings) -> Run:
         "model_file": FILE,
         "model_revision": "main",
         "model_sha256": box.model_sha256,
+        "tls_ca_dir": box.workdir / "ca",  # not the developer's ~/.config/backchat/ca
         "report_path": report,
         **settings,
     }
@@ -239,7 +246,7 @@ def test_the_readme_deploy_brings_the_stack_up_and_verify_passes(box: Box) -> No
     run = readme_deploy(
         box, "full",
         backend="llamacpp", llamacpp_image=LLAMA_IMAGE, chatbot_ui_image=CHATBOT_UI_IMAGE,
-        frontdoor_image=FRONTDOOR_IMAGE, image_archives=archive, tls_ca_dir=box.workdir / "ca",
+        frontdoor_image=FRONTDOOR_IMAGE, image_archives=archive,
         verify_timeout=600,
     )  # fmt: skip
     box.phase("deploy, whole stack", run.seconds)

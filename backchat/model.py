@@ -160,7 +160,7 @@ def _needs_bytes(output) -> bool:
 
 def _run_fetch_script(state, host, command: StringCommand, what: str) -> bool:
     # Long downloads print progress lines; show them as they come, not only with -vvv.
-    status, output = host.run_shell_command(command, print_output=True)
+    status, output = transport.run_as_operation(host, command, print_output=True)
     if not status:
         return outcomes.fail(host, f"{what}: {_last_error(output)}")
     return True
@@ -199,7 +199,7 @@ def recheck(script: str, sha256: str, size: int, dest: str, marker: str, why: st
 
 
 def _recheck(state, host, command: StringCommand, dest: str, why: str) -> bool:
-    status, output = host.run_shell_command(command, print_output=True, _success_exit_codes=[0, NEED_BYTES])
+    status, output = transport.run_as_operation(host, command, print_output=True, _success_exit_codes=[0, NEED_BYTES])
     if not status:
         return outcomes.fail(host, f"check of {dest} failed: {_last_error(output)}")
     if _needs_bytes(output):
@@ -227,7 +227,7 @@ def _push_and_install(state, host, script: str, source: Source, dest: str, marke
     check = _script_command(script, "-", source.sha256, source.size, dest, marker)
 
     def run_check():
-        return host.run_shell_command(check, print_output=True, _success_exit_codes=[0, NEED_BYTES])
+        return transport.run_as_operation(host, check, print_output=True, _success_exit_codes=[0, NEED_BYTES])
 
     # First the host checks what it has (an existing file, a complete .part): maybe no bytes are needed.
     status, output = run_check()

@@ -36,7 +36,7 @@ import subprocess
 import tarfile
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from testbed import llama_server
@@ -266,14 +266,8 @@ def llama_image_tar() -> Path:
     if out.is_file():
         return out
     base = llama_server.llama_root()
-    roots = out.parent
-    with flock(roots / f"{out.name}.lock"):
-        if out.is_file():
-            return out
-        for stale in roots.glob(f".build-{out.name}-*"):
-            remove_tree(stale)
-        build = Path(tempfile.mkdtemp(prefix=f".build-{out.name}-", dir=roots))
-        try:
+    with cached_build(out) as build:
+        if build is not None:
             root = build / "root"
             sh("cp", "-a", "--reflink=auto", base, root)
             env = {"PATH": HOST_PATH, "LC_ALL": "C", "DEBIAN_FRONTEND": "noninteractive", "HOME": "/root"}
@@ -293,9 +287,25 @@ def llama_image_tar() -> Path:
             cmd += [f"--exclude={pat}" for pat in (*llama_server._TAR_EXCLUDES, *LLAMA_IMAGE_EXCLUDES)]
             sh(*cmd, "-cf", tmp, ".")
             os.rename(tmp, out)
+    return out
+
+
+@contextlib.contextmanager
+def cached_build(out: Path) -> Iterator[Path | None]:
+    """Build the cached file ``out`` once across processes: under its lock, None if another
+    process built it meanwhile, else a fresh directory beside it (where an interrupted
+    build's are removed first), removed afterwards. Rename the result into ``out``."""
+    with flock(out.parent / f"{out.name}.lock"):
+        if out.is_file():
+            yield None
+            return
+        for stale in out.parent.glob(f".build-{out.name}-*"):
+            remove_tree(stale)
+        build = Path(tempfile.mkdtemp(prefix=f".build-{out.name}-", dir=out.parent))
+        try:
+            yield build
         finally:
             remove_tree(build)
-    return out
 
 
 def docker_archive(layer: Path, images: Mapping[str, Mapping]) -> Path:

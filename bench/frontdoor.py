@@ -11,8 +11,10 @@ cache off so every request evaluates its prompt) four ways, in a rotating order:
 to llama-server and through the door, each on a new connection per request (the door's
 TLS handshake included) and on one kept-alive connection. Per request: time to first token
 (request sent -> first SSE event with text) and tokens/s (events with text after the first
-/ time from the first to the last). Figures: medians per way, and door/direct ratios as the
-median of each round's ratio. See bench/README.md.
+/ time from the first to the last), and the CPU time nginx and llama-server used for it.
+Figures: medians per way, door/direct ratios as the median of each round's ratio, and the
+door's CPU per answer beside the model's (which the machine's load does not skew). See
+bench/README.md.
 """
 
 from __future__ import annotations
@@ -38,6 +40,18 @@ from testbed.real_model import real_model  # noqa: E402
 KEY = "sk-bench-frontdoor-0123456789"
 QUESTION = "Who was the president of the United States in 1997?"
 WARMUP = 2
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) used so far by a process and its running descendants."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        children = [int(child) for task in Path(f"/proc/{pid}/task").iterdir()
+                    for child in (task / "children").read_text().split()]
+    except FileNotFoundError:  # gone meanwhile
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICK + sum(tree_cpu(child) for child in children)
 
 
 def completion(client: httpx.Client, base_url: str, max_tokens: int) -> tuple[float, float, int]:
@@ -71,8 +85,10 @@ class Way:
         self.rate: list[float] = []
         self.tokens: set[int] = set()
         self.reconnects = 0
+        self.cpu = {"door": 0.0, "model": 0.0}
 
-    def run(self, max_tokens: int, record: bool = True) -> None:
+    def run(self, max_tokens: int, pids: dict[str, int], record: bool = True) -> None:
+        before = {name: tree_cpu(pid) for name, pid in pids.items()}
         if self.client is not None:
             try:
                 figures = completion(self.client, self.base_url, max_tokens)
@@ -85,6 +101,8 @@ class Way:
             with httpx.Client(verify=self.verify, timeout=300) as client:
                 figures = completion(client, self.base_url, max_tokens)
         if record:
+            for name, pid in pids.items():
+                self.cpu[name] += tree_cpu(pid) - before[name]
             self.ttft.append(figures[0])
             self.rate.append(figures[1])
             self.tokens.add(figures[2])
@@ -125,14 +143,15 @@ def main() -> None:
                 Way("direct, kept alive", server.url, True, keep_alive=True),
                 Way("door, kept alive", door.url, door.trust, keep_alive=True),
             ]
+            pids = {"door": door.proc.pid, "model": server.proc.pid}
             try:
                 for way in ways:
                     for _ in range(WARMUP):
-                        way.run(args.max_tokens, record=False)
+                        way.run(args.max_tokens, pids, record=False)
                 for number in range(args.rounds):
                     shift = number % len(ways)
                     for way in ways[shift:] + ways[:shift]:
-                        way.run(args.max_tokens)
+                        way.run(args.max_tokens, pids)
                     print(f"  round {number + 1}/{args.rounds}", flush=True)
             finally:
                 for way in ways:
@@ -148,6 +167,10 @@ def main() -> None:
         extra = statistics.median(a - b for a, b in zip(door.ttft, direct.ttft)) * 1000
         print(f"  {label:16} time to first token x{paired(door, direct, 'ttft'):.3f} ({extra:+.1f} ms)   "
               f"tokens/s x{paired(door, direct, 'rate'):.3f}")
+    print("\nCPU per answer, nginx (the door) and llama-server (the model):")
+    for way in ways:
+        door_ms, model_ms = (way.cpu[name] / args.rounds * 1000 for name in ("door", "model"))
+        print(f"  {way.name:24} door {door_ms:6.1f} ms   model {model_ms:7.1f} ms   door/model {door_ms / model_ms:.4f}")
 
 
 if __name__ == "__main__":

@@ -471,7 +471,8 @@ class BackstageBackend:
 
 # --- the browser's trust ----------------------------------------------------------------------
 
-CERTUTIL = "certutil"  # Debian package libnss3-tools
+CERTUTIL = "certutil"
+NO_CERTUTIL = "certutil is not installed (Debian package libnss3-tools)"
 
 
 def trusting_home(ca: Path, home: Path) -> Path:
@@ -479,7 +480,7 @@ def trusting_home(ca: Path, home: Path) -> Path:
     takes the trust anchors a user added from the NSS db in ``$HOME/.pki/nssdb`` (not
     from the system's store), so the handshakes are really verified against ``ca``."""
     if shutil.which(CERTUTIL) is None:
-        raise BackendError("certutil is not installed (Debian package libnss3-tools)")
+        raise BackendError(NO_CERTUTIL)
     db = home / ".pki" / "nssdb"
     db.mkdir(parents=True, mode=0o700)
     for argv in (["-N", "--empty-password"], ["-A", "-n", "backchat-test-ca", "-t", "C,,", "-i", str(ca)]):

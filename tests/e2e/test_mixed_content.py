@@ -49,9 +49,10 @@ MIXED = "Mixed Content"  # how Chromium's console starts its mixed-content messa
 
 @pytest.fixture(scope="module")
 def ca_dir(tmp_path_factory) -> Path:
-    for why in (fd.missing_requirements(), None if shutil.which(bb.CERTUTIL) else "certutil is not installed (Debian package libnss3-tools)"):
-        if why:
-            unavailable(why)
+    if fd.missing_requirements():
+        unavailable(fd.missing_requirements())
+    if shutil.which(bb.CERTUTIL) is None:
+        unavailable(bb.NO_CERTUTIL)
     return tmp_path_factory.mktemp("lab") / "ca"
 
 

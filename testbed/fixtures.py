@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
+from pathlib import Path
 
 import pytest
 
@@ -31,14 +33,30 @@ def realhost_unavailable_reason() -> str | None:
     return None
 
 
-def require_realhosts() -> None:
-    """Skip (or, when BACKCHAT_REQUIRE_REALHOSTS=1, fail) if hosts cannot be made here."""
-    reason = realhost_unavailable_reason()
-    if reason is None:
-        return
+def unavailable(reason: str) -> None:
+    """Skip, or fail when BACKCHAT_REQUIRE_REALHOSTS=1 (CI): a quiet skip there proves nothing."""
     if os.environ.get("BACKCHAT_REQUIRE_REALHOSTS") == "1":
         pytest.fail(f"BACKCHAT_REQUIRE_REALHOSTS=1 but {reason}", pytrace=False)
     pytest.skip(reason)
+
+
+def require_realhosts() -> None:
+    """Skip (or, when BACKCHAT_REQUIRE_REALHOSTS=1, fail) if hosts cannot be made here."""
+    reason = realhost_unavailable_reason()
+    if reason is not None:
+        unavailable(reason)
+
+
+def log_dir(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """Where a long end-to-end test keeps its logs: a new ``name-<time>`` directory under
+    BACKCHAT_VM_LOG_DIR when set (other pytest sessions rotate pytest's tmp dirs), else a
+    pytest tmp dir."""
+    root = os.environ.get("BACKCHAT_VM_LOG_DIR")
+    if not root:
+        return tmp_path_factory.mktemp(name)
+    path = Path(root) / time.strftime(f"{name}-%Y%m%d-%H%M%S")
+    path.mkdir(parents=True)
+    return path
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -56,6 +74,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if item.get_closest_marker("npm") or item.get_closest_marker("browser"):
             item.add_marker(pytest.mark.realhost)
+    # A skip, not a deselection by -m: `pytest -m realhost` must not bring them back.
+    if os.environ.get("BACKCHAT_RUN_SLOW") != "1":
+        slow = pytest.mark.skip(reason="slow (figures in its module's docstring): BACKCHAT_RUN_SLOW=1 runs it")
+        for item in items:
+            if item.get_closest_marker("slow"):
+                item.add_marker(slow)
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import re
+import ssl
 import subprocess
 import sys
 import time
@@ -34,12 +35,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import pytest
 
 from testbed import vagrant_box as vbox
 from testbed import vm as vmh
 from testbed.deploy_runner import PROJECT, DeployRun
-from testbed.fixtures import require_realhosts
+from testbed.fixtures import log_dir, require_realhosts, unavailable
 from testbed.hub import FakeHub
 from testbed.real_model import real_model
 from tests.e2e.test_vm_e2e import API_KEY, CHATBOT_UI_IMAGE, FRONTDOOR_IMAGE, IMAGES, LLAMA_IMAGE, MODEL_ID
@@ -95,12 +97,6 @@ def vagrant(env: dict, workdir: Path, *args: str, timeout: float, check: bool = 
     return subprocess.CompletedProcess(proc.args, proc.returncode, output, "")
 
 
-def _unavailable(reason: str) -> None:
-    if os.environ.get("BACKCHAT_REQUIRE_REALHOSTS") == "1":
-        pytest.fail(f"BACKCHAT_REQUIRE_REALHOSTS=1 but {reason}", pytrace=False)
-    pytest.skip(reason)
-
-
 def _gateway() -> str:
     xml = subprocess.run(
         ["virsh", "-c", vbox.LIBVIRT_URI, "net-dumpxml", "vagrant-libvirt"],
@@ -116,14 +112,8 @@ def box(tmp_path_factory) -> Iterator[Box]:
     require_realhosts()
     reason = vbox.unavailable_reason()
     if reason:
-        _unavailable(reason)
-    # Other pytest runs rotate the tmp dirs: BACKCHAT_VM_LOG_DIR keeps the logs, as in the VM test.
-    log_root = os.environ.get("BACKCHAT_VM_LOG_DIR")
-    if log_root:
-        workdir = Path(log_root) / time.strftime("vagrant-%Y%m%d-%H%M%S")
-        workdir.mkdir(parents=True)
-    else:
-        workdir = tmp_path_factory.mktemp("vagrant")
+        unavailable(reason)
+    workdir = log_dir(tmp_path_factory, "vagrant")
     timings: dict[str, float] = {}
     cold = not vbox.box_path().is_file()
     started = time.monotonic()
@@ -253,4 +243,12 @@ def test_the_readme_deploy_brings_the_stack_up_and_verify_passes(box: Box) -> No
     assert run.deploy.returncode == 0, run.explain()
     assert run.report.get("result") == "ok" and run.report.get("verify") == "pass", f"{run.report}\n{run.explain()}"
     assert run.report.get("model_id") == MODEL_ID, run.report
-    assert "localhost:8080/v1/models: lists" in run.text, run.explain()
+    assert f"/v1/models: lists {MODEL_ID}" in run.text, run.explain()
+    # verify asks the box's own address; the user's browser goes through the forwarded ports.
+    trust = ssl.create_default_context(cafile=str(box.workdir / "ca" / "ca.crt"))
+    models = httpx.get(
+        "https://localhost:8080/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}, verify=trust, timeout=60
+    )
+    assert models.status_code == 200 and MODEL_ID in [m["id"] for m in models.json()["data"]], models.text
+    gui = httpx.get(run.report["gui_url"], verify=trust, timeout=60)
+    assert gui.status_code == 200, gui.text[:2000]

@@ -39,7 +39,7 @@ import pytest
 from testbed.deploy_runner import PROJECT, DeployRun, run_deploy, write_inventory
 from testbed import chatbot_ui_standin
 from testbed import vm as vmh
-from testbed.fixtures import require_realhosts
+from testbed.fixtures import log_dir, require_realhosts, unavailable
 from testbed.hub import FakeHub
 from testbed.real_model import real_model
 
@@ -105,26 +105,14 @@ class E2E:
         return httpx.Client(verify=ssl.create_default_context(cafile=str(self.ca_dir / "ca.crt")))
 
 
-def _unavailable(reason: str) -> None:
-    if os.environ.get("BACKCHAT_REQUIRE_REALHOSTS") == "1":
-        pytest.fail(f"BACKCHAT_REQUIRE_REALHOSTS=1 but {reason}", pytrace=False)
-    pytest.skip(reason)
-
-
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory) -> Iterator[E2E]:
     require_realhosts()
     reason = vmh.unavailable_reason()
     if reason:
-        _unavailable(reason)
-    # pytest keeps few tmp dirs (and other sessions rotate them): BACKCHAT_VM_LOG_DIR keeps
-    # the deploy outputs, reports and the VM's serial console of every run.
-    log_root = os.environ.get("BACKCHAT_VM_LOG_DIR")
-    if log_root:
-        workdir = Path(log_root) / time.strftime("vm-e2e-%Y%m%d-%H%M%S")
-        workdir.mkdir(parents=True)
-    else:
-        workdir = tmp_path_factory.mktemp("vm-e2e")
+        unavailable(reason)
+    # The deploy outputs, reports and the VM's serial console of every run.
+    workdir = log_dir(tmp_path_factory, "vm-e2e")
     timings: dict[str, float] = {}
 
     cold = not (vmh.vm_image_dir() / "disk.img").is_file()

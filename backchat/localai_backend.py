@@ -32,10 +32,10 @@ from __future__ import annotations
 
 from pyinfra import host
 from pyinfra.api import FunctionCommand, QuoteString, StringCommand, operation
-from pyinfra.operations import files
+from pyinfra.operations import files, server
 
 from backchat import outcomes, transport
-from backchat.facts import UnpackedBackend
+from backchat.facts import OwnPaths, UnpackedBackend
 
 BACKENDS_DIR = "localai-backends"  # under stack_dir, mounted as /backends
 NAME = "llama-cpp"  # the directory LocalAI knows the backend by: the model config's `backend:`
@@ -50,7 +50,16 @@ def host_dir(cfg) -> str | None:
 def deliver(cfg) -> bool:
     """Queue what puts the archive's backend on this host: did it change?"""
     base = host_dir(cfg)
-    if not base or "localai" not in cfg.services:
+    if "localai" not in cfg.services:
+        return False
+    if not base:
+        if cfg.image_archives:  # images from archives: probably no registry either
+            host.log_styled(
+                f"image_archives is set but localai_backend_archive is not: LocalAI downloads its {NAME} "
+                "backend from quay.io on its first start, and fails to serve the model where that registry "
+                "cannot be reached. Fix: README \"Air-gapped labs, end to end\", or backend = 'llamacpp'",
+                fg="yellow",
+            )
         return False
     # No mode: a directory that already exists (maybe not ours) is never re-moded.
     files.directory(name="Create LocalAI's backends directory", path=base)
@@ -127,3 +136,18 @@ def _stream(state, host, archive: str, base: str, backend: str, sha256: str) -> 
         return outcomes.fail(host, f"LocalAI's {backend} backend was not installed: {error}")
     host.log_styled(f"LocalAI's {backend} backend: {sent:,} bytes sent, sha256 checked, unpacked in {base}/{backend}")
     return True
+
+
+def remove(cfg) -> None:
+    """uninstall.py: the unpacked backend, its marker and directory; nothing under a link."""
+    paths = [f"{BACKENDS_DIR}/{NAME}", f"{BACKENDS_DIR}/.{NAME}.sha256", BACKENDS_DIR]
+    found = host.get_fact(OwnPaths, root=cfg.stack_dir, paths=paths)
+    if any(kind in ("link", "unsafe", "other") for kind in found.values()):
+        host.log_styled(f"{cfg.stack_dir}/{BACKENDS_DIR} is or holds a link: left alone, not followed", fg="yellow")
+        return
+    if found:
+        # rm -r never follows a link inside the tree; the paths above were checked for links.
+        server.shell(
+            name=f"Remove LocalAI's unpacked {NAME} backend",
+            commands=[StringCommand("rm", "-rf", "--", *(QuoteString(f"{cfg.stack_dir}/{path}") for path in paths))],
+        )

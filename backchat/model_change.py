@@ -43,7 +43,8 @@ def remove_old(cfg) -> None:
     if not old:
         return
     if cfg.keep_old_models:
-        host.noop(f"keep_old_models: kept {described(old)} in {cfg.models_dir}")
+        # Said aloud (not a no-op note, which pyinfra shows only with -v): it is disk in use.
+        host.log_styled(f"keep_old_models: kept {described(old)} in {cfg.models_dir}", fg="yellow")
         return
     own_paths.remove_own(
         name=f"Remove the previous model ({', '.join(old)}): {cfg.model_file} is verified and running",

@@ -12,70 +12,52 @@ deploy.py:
   directory the compose file mounts as LocalAI's backends path, in the layout LocalAI
   v4.9.0's source reads (backchat/localai_backend.py cites where). LocalAI itself is NOT
   run: its image cannot be pulled here, and the archive is a stand-in with the real one's
-  layout (testbed/localai_backend.py).
+  layout (testbed/localai_backend.py). A second run sends nothing, a new archive replaces
+  the backend, uninstall.py removes it (twice: the second changes nothing).
 """
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 
 import pytest
 import yaml
 
-from testbed.deploy_runner import run_deploy, write_inventory
-from testbed.hub import FakeHub
+from testbed.deploy_runner import run_deploy
 from testbed.localai_backend import write_backend_archive
-from testbed.sandbox import GATEWAY
-from tests.e2e.test_model_delivery import _bytes, failed_hosts, served
+from tests.e2e.test_model_delivery import (  # noqa: F401 (hub: the fixture, for these hosts)
+    MIRROR_MODEL,
+    MODEL,
+    MODELS,
+    SHA,
+    SIZE,
+    deploy,
+    failed_hosts,
+    hub,
+    served,
+    sha_on,
+)
 
 pytestmark = pytest.mark.realhost
 
-REPO = "test/change-GGUF"
-OLD, NEW = "a.gguf", "b.gguf"
-SIZE = 2 * 1024 * 1024
-MODELS = "/opt/backchat/models"
+OLD, NEW = MODEL, MIRROR_MODEL  # two models the Hub stand-in serves (4 MiB each)
 STACK = "/opt/backchat"
-FILES = {name: _bytes(name)[:SIZE] for name in (OLD, NEW)}
-SHA = {name: hashlib.sha256(data).hexdigest() for name, data in FILES.items()}
 
 
 @pytest.fixture(scope="module")
 def hosts(sandbox_factory):
+    # Overrides test_model_delivery's hosts for its hub fixture: the hub binds once hosts exist.
     return sandbox_factory(["trixie", "trixie"], names=["off-1", "off-2"])
-
-
-@pytest.fixture(scope="module")
-def hub(hosts):  # the hosts' bridge carries the gateway address it binds to
-    with FakeHub(bind=GATEWAY) as hub:
-        for name, data in FILES.items():
-            hub.add_file(REPO, name, data)
-        yield hub
-
-
-def deploy(hosts, hub, tmp_path, model=OLD, **overrides):
-    data = {
-        "start": "false", "docker_source": "debian", "model_repo": REPO, "model_file": model,
-        "model_revision": "main", "model_sha256": "null", "hf_endpoint": hub.endpoint(GATEWAY),
-        "min_memory_mb": "0", "public_address": "ai.lab.test", **overrides,
-    }
-    inventory = write_inventory(tmp_path / "inventory.py", {h.name: h.pyinfra_data() for h in hosts})
-    return run_deploy(inventory, *(f"{key}={value}" for key, value in data.items()))
 
 
 def listing(host) -> list[str]:
     return sorted(host.run(f"ls -A {MODELS}").stdout.split())
 
 
-def sha_on(host, name: str) -> str | None:
-    done = host.run(f"sha256sum {MODELS}/{name}", check=False)
-    return done.stdout.split()[0] if done.returncode == 0 else None
-
-
 def holding_only_old(host, hub, tmp_path) -> None:
     """The host holds model A, verified, and no other model (each test starts here)."""
     host.run(f"rm -f {MODELS}/*.gguf* {MODELS}/.*.verified")
-    run = deploy([host], hub, tmp_path)
+    run = deploy([host], hub, tmp_path, model=OLD)
     assert run.returncode == 0, run
     assert sha_on(host, OLD) == SHA[OLD]
 
@@ -130,12 +112,12 @@ def test_the_disk_check_counts_the_old_model_beside_the_new_one(hosts, hub, tmp_
     models = host.root / MODELS.lstrip("/")
     models.mkdir(parents=True, exist_ok=True)
     host.run(f"rm -f {MODELS}/*.gguf* {MODELS}/.*.verified")
-    # 3 MiB: room for A (2 MiB) or B, not both. In the mount namespace of the host's sshd,
+    # 6 MiB: room for A (4 MiB) or B, not both. In the mount namespace of the host's sshd,
     # as in test_model_delivery's disk test.
     in_sshd_ns = ["nsenter", "-t", str(host._sshd.pid), "-m"]
-    subprocess.run([*in_sshd_ns, "mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(models)], check=True)
+    subprocess.run([*in_sshd_ns, "mount", "-t", "tmpfs", "-o", "size=6m,mode=0755", "tmpfs", str(models)], check=True)
     try:
-        first = deploy([host], hub, tmp_path)
+        first = deploy([host], hub, tmp_path, model=OLD)
         assert first.returncode == 0, first
         before = served(hub, NEW)
         refused = deploy([host], hub, tmp_path, model=NEW)
@@ -191,6 +173,13 @@ def test_the_backend_lands_where_localai_reads_it_and_is_sent_once(hosts, hub, t
     assert updated.returncode == 0, updated
     assert host.run(f"cat {source}/{backend}/llama-cpp-cpu-all").stdout == "stand-in binary 2\n"
     assert host.run(f"ls -A {source}").stdout.split() == [".llama-cpp.sha256", "llama-cpp"]
+
+    newer_data = (f"localai_backend_archive={newer}", f"localai_backend_sha256={newer_sha}")
+    removed = run_deploy(tmp_path / "inventory.py", *newer_data, command="uninstall.py")
+    assert removed.returncode == 0, removed
+    assert host.run(f"test -e {source}", check=False).returncode != 0, "uninstall left the unpacked backend"
+    twice = run_deploy(tmp_path / "inventory.py", *newer_data, command="uninstall.py")
+    assert twice.returncode == 0 and twice.changed_ops() == [], twice
 
 
 def test_an_archive_that_is_not_the_pinned_one_stops_the_run_before_any_host(hosts, hub, tmp_path):

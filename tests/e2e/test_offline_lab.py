@@ -83,7 +83,7 @@ def test_the_old_model_stays_until_the_new_one_is_verified_then_goes(hosts, hub,
     changed = deploy([host], hub, tmp_path, model=NEW)
     assert changed.returncode == 0, changed
     assert sha_on(host, NEW) == SHA[NEW]
-    assert listing(host) == [f".{NEW}.verified", NEW, f"{NEW}.lock", "gpt-3.5-turbo.yaml"], "the old model's files are left"
+    assert listing(host) == sorted([f".{NEW}.verified", NEW, f"{NEW}.lock", "gpt-3.5-turbo.yaml"]), "the old model's files are left"
     assert f"Remove the previous model ({OLD}): {NEW} is verified and running" in changed.stderr, changed
     model_config = yaml.safe_load(host.run(f"cat {MODELS}/gpt-3.5-turbo.yaml").stdout)
     assert model_config["parameters"]["model"] == NEW
@@ -187,7 +187,8 @@ def test_an_archive_that_is_not_the_pinned_one_stops_the_run_before_any_host(hos
     archive = tmp_path / "llama-cpp.tar.gz"
     sha = write_backend_archive(archive)
     host.run(f"rm -rf {STACK}/localai-backends")
-    run = deploy([host], hub, tmp_path, localai_backend_archive=str(archive), localai_backend_sha256="0" * 64)
+    pinned = "f" * 64  # not digits only: --data would read that as a number
+    run = deploy([host], hub, tmp_path, localai_backend_archive=str(archive), localai_backend_sha256=pinned)
     assert run.returncode != 0, run
-    assert f"has sha256 {sha}, not localai_backend_sha256 {'0' * 64}" in run.stderr, run
+    assert f"has sha256 {sha}, not localai_backend_sha256 {pinned}" in run.stderr, run
     assert host.run(f"test -e {STACK}/localai-backends", check=False).returncode != 0

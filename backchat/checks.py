@@ -256,3 +256,14 @@ def image_archives(value: Any) -> tuple[str, ...]:
         except (tarfile.TarError, KeyError, ValueError, OSError):
             raise Invalid(f"is not a docker save archive: {item}", "make it with docker save -o FILE IMAGE:TAG") from None
     return tuple(str(Path(item).resolve()) for item in value)
+
+
+def backend_archive(value: Any) -> str:
+    """A LocalAI backend tarball on the controller: it must exist now and unpack safely."""
+    path = controller_path(value)
+    if not is_file(path):
+        raise Invalid("is not a file on the controller", "point it at the backend's tarball (README: air-gapped labs)")
+    problem = images.backend_archive_problem(path)
+    if problem:
+        raise Invalid(problem, "make it from LocalAI's llama-cpp backend as the README's air-gapped section shows")
+    return path

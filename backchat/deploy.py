@@ -16,7 +16,7 @@ from __future__ import annotations
 from pyinfra import host, state
 from pyinfra.api import deploy
 
-from backchat import backstage, docker, model, preflight, report, stack, transport, verify
+from backchat import backstage, docker, model, model_change, preflight, report, stack, transport, verify
 from backchat.run_settings import described_hosts, role, settings_for
 from backchat.settings import DEFAULTS
 
@@ -42,3 +42,4 @@ def deploy_backchat():
         backstage.configure(cfg, described_hosts(state, host))  # 5. app-config.local.yaml, catalog
     if this.serves_ai:
         verify.backends(name="Verify /v1/models lists the model", cfg=cfg)  # 6. each backend serves it
+        model_change.remove_old(cfg)  # only once verify passed: the previous model, if the model changed

@@ -445,3 +445,58 @@ class OwnPaths(FactBase):
             if rel:
                 found[rel] = kind
         return found
+
+
+# --- LocalAI's backend, unpacked from the controller's archive -------------------------
+
+
+class UnpackedBackend(FactBase):
+    """
+    Returns ``{"sha256": <the archive's sha256 the marker records, or None>, "run": <the
+    backend's run.sh is a regular file>}`` for backend ``backend`` under ``base``.
+    """
+
+    def command(self, base: str, backend: str) -> str:
+        marker, run = shlex.quote(f"{base}/.{backend}.sha256"), shlex.quote(f"{base}/{backend}/run.sh")
+        return (
+            f"echo \"sha256 $(cat {marker} 2>/dev/null | head -n 1)\"; "
+            f"if [ -f {run} ] && [ ! -L {run} ]; then echo run yes; else echo run no; fi"
+        )
+
+    def process(self, output):
+        result = {"sha256": None, "run": False}
+        for line in output:
+            key, _, rest = line.strip().partition(" ")
+            if key == "sha256" and rest.strip():
+                result["sha256"] = rest.strip()
+            elif key == "run":
+                result["run"] = rest.strip() == "yes"
+        return result
+
+
+class VerifiedModels(FactBase):
+    """
+    Returns ``{file name: size in bytes, or None when the file itself is gone}`` for every
+    model fetch-model.sh verified in ``models_dir`` (each left a ``.<name>.verified``
+    marker there). A link is neither followed nor counted.
+    """
+
+    default = dict
+
+    def command(self, models_dir: str) -> str:
+        return (
+            f"d={shlex.quote(models_dir)}; [ -d \"$d\" ] && [ ! -L \"$d\" ] || exit 0; "
+            "find \"$d\" -mindepth 1 -maxdepth 1 -type f -name '.*.verified' | while read -r m; do "
+            "n=${m##*/}; n=${n#.}; n=${n%.verified}; "
+            "if [ -f \"$d/$n\" ] && [ ! -L \"$d/$n\" ]; then s=$(stat -c %s \"$d/$n\"); else s=-; fi; "
+            "echo \"model $s $n\"; done"
+        )
+
+    def process(self, output):
+        found = {}
+        for line in output:
+            key, _, rest = line.strip().partition(" ")
+            size, _, name = rest.partition(" ")
+            if key == "model" and name:
+                found[name] = int(size) if size.isdigit() else None
+        return found

@@ -23,7 +23,7 @@ from pyinfra import host, logger
 from pyinfra.api import FunctionCommand, QuoteString, StringCommand, operation
 from pyinfra.operations import files
 
-from backchat import outcomes, resources, secrets, transport
+from backchat import model_change, outcomes, resources, secrets, transport
 from backchat.facts import FreeDiskBytes, ModelFile
 from backchat.model_source import (
     ModelSourceError,
@@ -47,9 +47,12 @@ def marker_path(cfg) -> str:
 def disk_problem(cfg, needed_bytes: int) -> str | None:
     free = host.get_fact(FreeDiskBytes, path=cfg.models_dir)
     if free is not None and free < needed_bytes:
+        # A previous model is on this disk until the new one runs (backchat/model_change.py).
+        old = model_change.old_models(cfg)
+        kept = f", beside the previous model, kept until the new one runs: {model_change.described(old)}" if old else ""
         return (
             f"not enough disk for the model in {cfg.models_dir}: {free:,} bytes free, "
-            f"{needed_bytes:,} needed. Fix: free space, or set models_dir to a larger disk"
+            f"{needed_bytes:,} needed{kept}. Fix: free space, or set models_dir to a larger disk"
         )
     return None
 

@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping
 
 from pyinfra.api.exceptions import PyinfraError
 
-from backchat import checks
+from backchat import checks, images
 from backchat.checks import Invalid
 from backchat.secrets import Secret
 
@@ -71,6 +71,8 @@ SETTINGS: tuple[Setting, ...] = (
        "`hub` (each host from the Hub), `controller` (downloaded once, pushed over SSH), `mirror`"),
     _S("model_mirror_url", None, checks.optional(checks.url),
        'the file\'s URL on a LAN HTTP server (`model_source = "mirror"`)'),
+    _S("keep_old_models", False, checks.boolean,
+       "keep the previous model file after a change of `model_repo`/`model_file` has verified"),
     _S("model_verify", "marker", checks.choice(MODEL_VERIFY), "`full` re-hashes the file on the host (after disk trouble)"),
     _S("hf_endpoint", None, checks.optional(checks.url), "Hub mirror; `$HF_ENDPOINT` otherwise. Token: `$HF_TOKEN`"),
     _S("min_memory_mb", 7500, checks.integer(0, 10**7, example=8192), "hosts with less RAM are refused"),
@@ -110,6 +112,10 @@ SETTINGS: tuple[Setting, ...] = (
     _S("frontdoor_image", "nginx:1.30.4", checks.image, "pinned tag, any registry (nginx stable)"),
     _S("image_archives", [], checks.image_archives,
        "`docker save` tarballs on the controller, `docker load`ed on hosts that lack them"),
+    # LocalAI's llama-cpp backend without a registry (backchat/localai_backend.py)
+    _S("localai_backend_archive", None, checks.optional(checks.backend_archive),
+       "LocalAI's llama-cpp backend as a tarball on the controller, so LocalAI downloads nothing"),
+    _S("localai_backend_sha256", None, checks.sha256, "that tarball's sha256 (required with it; hosts check it too)"),
     # Secrets (the values themselves never enter host data: see backchat/secrets.py)
     _S("auth", True, checks.boolean, "backends require the API key (`False` turns auth off)"),
     _S("api_key_file", None, checks.optional(checks.controller_path),
@@ -218,7 +224,26 @@ def _cross_checks(values: dict[str, Any]) -> list[str]:
             "model_source = 'mirror' needs model_mirror_url. Fix: set model_mirror_url to the "
             "file's URL on your LAN server, or use model_source = 'hub'."
         )
+    problems.extend(_backend_archive_problems(values))
     return problems
+
+
+def _backend_archive_problems(values: dict[str, Any]) -> list[str]:
+    archive, pinned = values["localai_backend_archive"], values["localai_backend_sha256"]
+    if not archive:
+        return []
+    if not pinned:
+        return [
+            "localai_backend_archive needs localai_backend_sha256. Fix: set it to the sha256 of "
+            f"the archive you checked (sha256sum {archive})."
+        ]
+    actual = images.file_sha256(archive)
+    if actual != pinned:
+        return [
+            f"localai_backend_archive = {archive!r} has sha256 {actual}, not localai_backend_sha256 "
+            f"{pinned}. Fix: check where the archive came from; update the pin only if it is trusted."
+        ]
+    return []
 
 
 # --- which host data is ours ------------------------------------------------------------

@@ -14,7 +14,7 @@ from pyinfra import host
 from pyinfra.api import QuoteString, StringCommand, operation
 from pyinfra.operations import files, server
 
-from backchat import addresses, images, outcomes, resources, secrets, tls
+from backchat import addresses, images, localai_backend, outcomes, resources, secrets, tls
 from backchat.facts import COMPOSE_PROJECT as PROJECT
 from backchat.facts import ComposeStack, DockerImageTags, PhysicalCores
 
@@ -66,6 +66,7 @@ def render(template: str, cfg, threads: int, **where) -> str:
         "docker_dns": True,
         "pid_file": "/run/nginx.pid",
         "key_map_file": DOOR_KEY_MAP,
+        "backend_dir": localai_backend.host_dir(cfg),
     }
     return resources.render(template, cfg=cfg, threads=threads, **{**values, **where})
 
@@ -145,6 +146,7 @@ def write_and_start(cfg, threads: int) -> None:
         )
         changed[path] = put.will_change
     door_changed = addresses.behind_front_door(cfg) and write_certificate(cfg)
+    backend_changed = localai_backend.deliver(cfg)
 
     if not cfg.start:
         host.noop("start = False: the stack is written but not started")
@@ -154,10 +156,10 @@ def write_and_start(cfg, threads: int) -> None:
         name="Start the stack (docker compose up -d)",
         project_dir=cfg.stack_dir,
         services=addresses.compose_services(cfg),
-        files_changed=any(changed.values()) or door_changed,
-        # LocalAI reads its model config at start, nginx its config and certificate;
-        # compose cannot see those files change.
-        restart=(["localai"] if changed.get(f"{cfg.models_dir}/{cfg.model_id}.yaml") else [])
+        files_changed=any(changed.values()) or door_changed or backend_changed,
+        # LocalAI reads its model config and registers its backends at start, nginx its
+        # config and certificate; compose cannot see those files change.
+        restart=(["localai"] if changed.get(f"{cfg.models_dir}/{cfg.model_id}.yaml") or backend_changed else [])
         + (["frontdoor"] if door_changed or changed.get(f"{cfg.stack_dir}/{FRONTDOOR_CONF}") else []),
     )
 

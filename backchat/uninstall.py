@@ -19,8 +19,9 @@ from pyinfra.api import QuoteString, StringCommand, deploy, operation
 from pyinfra.facts.files import FileContents
 from pyinfra.operations import files
 
-from backchat import backstage, model, outcomes, report, stack, tls, transport
-from backchat.facts import COMPOSE_PROJECT, OWN_PATHS_SCRIPT, ComposeProject, OwnPaths, text_of
+from backchat import backstage, localai_backend, model_change, outcomes, report, stack, tls, transport
+from backchat.own_paths import remove_own
+from backchat.facts import COMPOSE_PROJECT, ComposeProject, OwnPaths, text_of
 from backchat.run_settings import settings_for
 from backchat.settings import DEFAULTS
 
@@ -41,41 +42,13 @@ def stack_paths(cfg) -> list[str]:
 def models_paths(cfg) -> list[str]:
     """LocalAI's model config (and, with remove_model, every file fetch-model.sh writes:
     the model, its download, its lock, its marker)."""
-    marker = model.marker_path(cfg).rsplit("/", 1)[-1]
-    model_files = [cfg.model_file, *(f"{cfg.model_file}.{end}" for end in ("part", "lock")), marker, f"{marker}.tmp"]
-    return [f"{cfg.model_id}.yaml", *(model_files if cfg.remove_model else []), "."]
+    model_files = model_change.files_of(cfg.model_file) if cfg.remove_model else []
+    return [f"{cfg.model_id}.yaml", *model_files, "."]
 
 
 def backstage_paths(config_gone: bool) -> list[str]:
     config = [backstage.CONFIG_FILE] if config_gone else []
     return [*config, backstage.CONFIG_FILE + BACKUP_SUFFIX, backstage.CATALOG_FILE, "."]
-
-
-def removals(found: dict[str, str], paths: list[str]) -> bool:
-    """Whether removing ``paths`` (as ``OwnPaths`` found them) would change anything."""
-    return any(found.get(path) in ("file", "emptydir") for path in paths)
-
-
-@operation(is_idempotent=False)
-def remove_own(root: str, paths: list[str]):
-    """
-    Remove the files among ``paths`` under our directory ``root``, then the directories
-    among them that are left empty; never through a symlink.
-
-    + root: one of backchat's directories (stack_dir, models_dir, backstage_app_dir)
-    + paths: relative to root, files first, directories deepest first ("." is root)
-    """
-    found = host.get_fact(OwnPaths, root=root, paths=paths)
-    left = [f"{root}/{path} ({kind})" for path, kind in found.items() if kind in ("link", "unsafe", "other")]
-    if left:
-        host.log_styled(f"left alone, not followed: {', '.join(left)}", fg="yellow")
-    if not removals(found, paths):
-        host.noop(f"nothing of ours left to remove in {root}")
-        return
-    yield StringCommand(
-        "sh", "-c", QuoteString(OWN_PATHS_SCRIPT), "own-paths", "remove", QuoteString(root),
-        *(QuoteString(path) for path in paths),
-    )
 
 
 _DOWN = (
@@ -140,6 +113,7 @@ def uninstall_backchat():
     remove_own(name="Remove our Backstage files", root=cfg.backstage_app_dir, paths=backstage_paths(config_gone))
     remove_own(name="Remove the model config" + (" and the model" if cfg.remove_model else ""),
                root=cfg.models_dir, paths=models_paths(cfg))
+    localai_backend.remove(cfg)
     remove_own(name="Remove the stack's files", root=cfg.stack_dir, paths=stack_paths(cfg))
     outcomes.record(
         host.name,

@@ -48,6 +48,10 @@
 # upstream once), or "mirror" (each host from model_mirror_url, a LAN HTTP server).
 # model_source = 'hub'
 # model_mirror_url = None
+# After model_repo or model_file changes, the previous file stays until the new one is
+# verified and the stack verified on it (so the disk must hold both for a while); then it
+# is removed, unless this keeps it (to switch back without downloading it again).
+# keep_old_models = False
 # "marker": trust a file whose size and mtime match the record of its last verification
 # (re-runs read nothing). "full": hash it again (after disk trouble, or to be sure).
 # model_verify = 'marker'
@@ -109,6 +113,12 @@
 # Image tarballs on the controller (docker save ...) to `docker load` on hosts with no
 # registry access. Their tags must match the image settings above.
 # image_archives = []
+# LocalAI (v3.2+) downloads its llama-cpp backend from a registry on first start. For
+# hosts with no registry access: the backend's files as a tarball on the controller
+# (run.sh at its top; README "Air-gapped labs" shows how to make one) and its sha256. The
+# hosts get it from the controller, check the sha256, and LocalAI then fetches nothing.
+# localai_backend_archive = None
+# localai_backend_sha256 = None
 
 # --- The API key -----------------------------------------------------------------
 # The backends require a key, and Chatbot UI and verify send it. The key itself never

@@ -510,6 +510,20 @@ def _models_dir(f: Files) -> list:
     return found
 
 
+def _localai_backend(f: Files) -> list:
+    """LocalAI's backends: the unpacked archive read-only (nothing downloaded), or the volume."""
+    cfg, svc = f.cfg, f.compose["services"]
+    if "localai" not in cfg.services:
+        return []
+    offline = bool(cfg.localai_backend_archive)
+    return [
+        ("localai backends volume", at(svc, "localai", "volumes", 1),
+         f"{cfg.stack_dir}/localai-backends:/backends:ro" if offline else "localai-backends:/backends"),
+        ("LOCALAI_EXTERNAL_BACKENDS", at(svc, "localai", "environment", "LOCALAI_EXTERNAL_BACKENDS"),
+         _MISSING if offline else "llama-cpp"),
+    ]
+
+
 def _published(cfg, service: str) -> list[tuple[str, int]]:
     """[(host-port setting, index in the service's ports list)]; Text Gen WebUI's GUI port
     only when it is the GUI users open."""
@@ -676,6 +690,7 @@ PLACES = {
     "backstage_app_dir": _backstage_app_dir,
     "threads": _knob("threads", "LOCALAI_THREADS", "threads", "--threads"),
     "context_size": _knob("context_size", "LOCALAI_CONTEXT_SIZE", "context_size", "--ctx-size"),
+    "localai_backend_archive": _localai_backend,
 }
 # Settings that name a directory on the host (their checks compare strings to system trees).
 DIRECTORY_SETTINGS = {"stack_dir", "models_dir", "backstage_app_dir"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import subprocess
 
-from backchat import uninstall
+from backchat import own_paths as own_paths_module, uninstall
 from backchat.facts import OWN_PATHS_SCRIPT, OwnPaths
 from tests.cfg import make_cfg
 
@@ -41,7 +41,7 @@ def test_listing_names_each_path_without_following_links(tmp_path):
         "docker-compose.yaml": "file", ".env": "link", "bin/fetch-model": "unsafe",
         "images": "emptydir", "keep": "dir", ".": "dir",
     }
-    assert uninstall.removals(found, ["docker-compose.yaml"]) and not uninstall.removals(found, [".env", "keep", "."])
+    assert own_paths_module.removals(found, ["docker-compose.yaml"]) and not own_paths_module.removals(found, [".env", "keep", "."])
 
 
 def test_removal_takes_our_files_and_empty_dirs_and_nothing_through_a_link(tmp_path):
@@ -52,7 +52,7 @@ def test_removal_takes_our_files_and_empty_dirs_and_nothing_through_a_link(tmp_p
     assert (outside / "fetch-model").read_text() == "not ours\n" and (outside / ".env").read_text() == "not ours\n"
     # Again: only what is left alone is listed, so the operation yields nothing.
     again = own_paths("list", root, *paths)
-    assert not uninstall.removals(again, paths)
+    assert not own_paths_module.removals(again, paths)
 
 
 def test_a_root_that_is_a_link_is_left_alone(tmp_path):

@@ -21,7 +21,7 @@ from cryptography import x509
 
 from backchat import secrets, stack
 from tests.cfg import make_cfg
-from testbed.deploy_runner import PROJECT, run_deploy, write_inventory
+from testbed.deploy_runner import PROJECT, run_deploy, sandbox_data, write_inventory
 from testbed.hub import FakeHub
 from testbed.sandbox import GATEWAY
 from testbed.tiny_gguf import write_tiny_gguf
@@ -46,19 +46,7 @@ def hub(model_bytes, fleet):
 
 
 def deploy_data(hub, **overrides) -> list[str]:
-    data = {
-        "start": "false",
-        "docker_source": "debian",
-        "model_repo": REPO,
-        "model_file": MODEL,
-        "model_revision": "main",
-        "model_sha256": "null",
-        "hf_endpoint": hub.endpoint(GATEWAY),
-        "min_memory_mb": "0",
-        "public_address": "ai.lab.test",
-        **overrides,
-    }
-    return [f"{key}={value}" for key, value in data.items()]
+    return sandbox_data(hub.endpoint(GATEWAY), REPO, MODEL, **overrides)
 
 
 def snapshot(host, root="/opt/backchat") -> dict[str, str]:

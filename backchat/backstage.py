@@ -30,18 +30,14 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import io
 import re
 from dataclasses import dataclass
 
 import yaml
 from pyinfra import host
-from pyinfra.facts.files import FileContents
-from pyinfra.operations import files
 
-from backchat import outcomes, resources
+from backchat import outcomes, own_files, resources
 from backchat.addresses import api_urls, gui_url, public_address
-from backchat.facts import text_of
 
 CONFIG_FILE = "app-config.local.yaml"
 BASE_CONFIG_FILE = "app-config.yaml"
@@ -504,8 +500,12 @@ def configure(cfg, lab_hosts=None) -> None:
         served = lab([(each.name, each_cfg, public_address(each_cfg, each)) for each, each_cfg in lab_hosts])
     config_path = f"{cfg.backstage_app_dir}/{CONFIG_FILE}"
     base_path = f"{cfg.backstage_app_dir}/{BASE_CONFIG_FILE}"
-    existing_text = text_of(host.get_fact(FileContents, path=config_path))
-    base_text = text_of(host.get_fact(FileContents, path=base_path))
+    backup_path = f"{config_path}.backchat.bak"
+    catalog_path = f"{cfg.backstage_app_dir}/{CATALOG_FILE}"
+    # What is there now, with the two configs' texts, in one command.
+    seen = own_files.read([cfg.backstage_app_dir, backup_path, catalog_path], texts=[config_path, base_path])
+    existing_text = seen.get(config_path, {}).get("text") or None
+    base_text = seen.get(base_path, {}).get("text") or None
     for path, text in ((config_path, existing_text), (base_path, base_text)):
         try:
             yaml.safe_load(text or "")
@@ -515,24 +515,18 @@ def configure(cfg, lab_hosts=None) -> None:
     catalog = render_lab_catalog(served, backend_url(yaml.safe_load(base_text) if base_text else None))
 
     # No mode: this is the user's Backstage app, whose directory is theirs.
-    files.directory(name="Create the Backstage app directory", path=cfg.backstage_app_dir)
+    own_files.directory(name="Create the Backstage app directory", path=cfg.backstage_app_dir,
+                        seen=seen.get(cfg.backstage_app_dir))
     existing = yaml.safe_load(existing_text) if existing_text is not None else None
     # The backup is the app's own file from before backchat changed it (uninstall.py puts
     # it back): a file that already lists our catalog is one of ours, never backed up.
     if existing_text is not None and existing != yaml.safe_load(content) and not carries_ours(existing, cfg):
-        files.put(
-            name=f"Keep the previous {CONFIG_FILE}",
-            src=io.StringIO(existing_text),
-            dest=f"{config_path}.backchat.bak",
-            mode="0644",
-        )
-    files.put(name=f"Write {CONFIG_FILE}", src=io.StringIO(content), dest=config_path, mode="0644")
+        own_files.file(name=f"Keep the previous {CONFIG_FILE}", dest=backup_path, content=existing_text,
+                       seen=seen.get(backup_path), mode="0644")
+    own_files.file(name=f"Write {CONFIG_FILE}", dest=config_path, content=content, seen=seen.get(config_path),
+                   mode="0644")
     outcomes.record(host.name, backstage_config=config_path, ai_server_url=gui_host(cfg, served).gui)
     if any(each.cfg.api_key for each in served):
         outcomes.record(host.name, backstage_env="BACKCHAT_API_KEY")
-    files.put(
-        name=f"Write {CATALOG_FILE}",
-        src=io.StringIO(catalog),
-        dest=f"{cfg.backstage_app_dir}/{CATALOG_FILE}",
-        mode="0644",
-    )
+    own_files.file(name=f"Write {CATALOG_FILE}", dest=catalog_path, content=catalog, seen=seen.get(catalog_path),
+                   mode="0644")

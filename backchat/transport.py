@@ -6,9 +6,14 @@ into a command's stdin. backchat needs that twice:
 * the controller push of the model (``model_source = "controller"``) appends exactly the
   bytes a host's ``.part`` file lacks, read once, without re-hashing 4 GB per run as
   ``files.put`` does and without rsync on both sides;
-* secret files are written through ``umask 077; cat >file``, so the secret is never in a
-  command line, a world-readable temp file (``files.put`` under ``_sudo`` uploads to /tmp
-  first), or a ``--diff``.
+* the files the steps write (``own_files``; secret files through ``secrets.secret_file``)
+  go through ``umask 077; cat >file.new`` and ``mv``, so a secret is never in a command
+  line, a world-readable temp file (``files.put`` under ``_sudo`` uploads to /tmp first),
+  or a ``--diff``, and a link planted at a file's name is replaced, never followed.
+
+Two fixes of pyinfra's own behaviour live here too, each with its upstream note:
+``send_small_packets_now`` (TCP_NODELAY on the SSH socket) and
+``run_without_asking_when_nothing_changes`` (no "Press enter" for a plan without changes).
 
 What this touches, and why it is safe to rely on (pyinfra 3.x):
 * ``host.connector.client``: the paramiko ``SSHClient`` of the ``@ssh`` connector; a new
@@ -19,8 +24,11 @@ What this touches, and why it is safe to rely on (pyinfra 3.x):
   ``@chroot``) are not supported and say so.
 * ``host.current_op_global_arguments`` also gives commands an operation runs itself while
   executing (verify's probe through the host) the operation's ``_sudo`` and friends.
+* ``pyinfra_cli.cli._do_confirm`` (looked up by name when ``_main`` asks) and each
+  planned operation's ``OperationMeta._maybe_is_change`` (what ``print_meta`` prints).
 
-If pyinfra changes these, ``tests/e2e/test_model_delivery.py`` and the secret-file canary test fail.
+If pyinfra changes these, ``tests/e2e/test_model_delivery.py``, the secret-file canary test
+and the re-run without ``-y`` in ``tests/e2e/test_realhosts.py`` fail.
 """
 
 from __future__ import annotations
@@ -28,8 +36,10 @@ from __future__ import annotations
 import inspect
 import socket
 import subprocess
+import sys
 from typing import Callable, Iterable
 
+from pyinfra import logger
 from pyinfra.api import StringCommand
 from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS
 from pyinfra.connectors.util import make_unix_command, make_unix_command_for_host
@@ -62,6 +72,43 @@ def send_small_packets_now(host) -> None:
     sock = getattr(client.get_transport(), "sock", None) if client is not None else None
     if isinstance(sock, socket.socket):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def run_without_asking_when_nothing_changes(state) -> None:
+    """Let a run whose plan changes nothing go on to execute without asking.
+
+    pyinfra's CLI (3.x, ``pyinfra_cli/cli.py``, ``_main``) prints the plan and then, unless
+    ``-y``, always asks "Press enter to execute..." (``_do_confirm``), even when no
+    operation on any host will change anything. A re-run of an unchanged lab is exactly
+    that, and what it is for happens while executing: verify asks every backend, and the
+    report follows. Unanswered (no terminal: stdin closed), the question ends the run in
+    click's "Aborted!" (exit 1) before any of it; answered with anything but Enter, it
+    ends quietly. With nothing to change there is nothing to confirm, so the question is
+    skipped then; a plan with any change (or a conditional one) still asks. Belongs
+    upstream: skip the confirmation when the plan that ``print_meta`` shows is empty.
+    """
+    cli = sys.modules.get("pyinfra_cli.cli")  # absent when pyinfra runs as an API
+    confirm = getattr(cli, "_do_confirm", None)
+    if confirm is None or getattr(confirm, "nothing_changes_runs", False):
+        return
+
+    def confirm_unless_nothing_changes(message: str) -> bool:
+        if message.startswith("Detected changes") and not _plan_changes_anything(state):
+            logger.info("--> Nothing to change: executing without asking (verify runs, the report follows)")
+            return True
+        return confirm(message)
+
+    confirm_unless_nothing_changes.nothing_changes_runs = True
+    cli._do_confirm = confirm_unless_nothing_changes
+
+
+def _plan_changes_anything(state) -> bool:
+    for each in state.inventory.iter_activated_hosts():
+        for op_hash in state.ops.get(each, {}):
+            # None: not checked while planning (-y); only False is a known "no change".
+            if state.get_op_data_for_host(each, op_hash).operation_meta._maybe_is_change is not False:
+                return True
+    return False
 
 
 def run_as_operation(host, command: StringCommand, **kwargs):

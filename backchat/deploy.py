@@ -26,6 +26,7 @@ def deploy_backchat():
     cfg = settings_for(state, host)  # the first call checks every host of the run
     transport.send_small_packets_now(host)
     transport.run_without_asking_when_nothing_changes(state)  # a no-op re-run still verifies
+    transport.order_operations_without_inspect()
     report.install(state, cfg.report_path)
     this = role(state.inventory, host)
 

@@ -11,9 +11,10 @@ into a command's stdin. backchat needs that twice:
   line, a world-readable temp file (``files.put`` under ``_sudo`` uploads to /tmp first),
   or a ``--diff``, and a link planted at a file's name is replaced, never followed.
 
-Two fixes of pyinfra's own behaviour live here too, each with its upstream note:
-``send_small_packets_now`` (TCP_NODELAY on the SSH socket) and
-``run_without_asking_when_nothing_changes`` (no "Press enter" for a plan without changes).
+Three fixes of pyinfra's own behaviour live here too, each with its upstream note:
+``send_small_packets_now`` (TCP_NODELAY on the SSH socket),
+``run_without_asking_when_nothing_changes`` (no "Press enter" for a plan without changes)
+and ``order_operations_without_inspect`` (each operation's order from its frames).
 
 What this touches, and why it is safe to rely on (pyinfra 3.x):
 * ``host.connector.client``: the paramiko ``SSHClient`` of the ``@ssh`` connector; a new
@@ -26,6 +27,8 @@ What this touches, and why it is safe to rely on (pyinfra 3.x):
   executing (verify's probe through the host) the operation's ``_sudo`` and friends.
 * ``pyinfra_cli.cli._do_confirm`` (looked up by name when ``_main`` asks) and each
   planned operation's ``OperationMeta._maybe_is_change`` (what ``print_meta`` prints).
+* ``pyinfra.api.operation.get_operation_order_from_stack`` (looked up by name for each
+  operation); ``tests/test_transport.py`` checks the replacement against pyinfra's own.
 
 If pyinfra changes these, ``tests/e2e/test_model_delivery.py``, the secret-file canary test
 and the re-run without ``-y`` in ``tests/e2e/test_realhosts.py`` fail.
@@ -33,14 +36,20 @@ and the re-run without ``-y`` in ``tests/e2e/test_realhosts.py`` fail.
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import socket
 import subprocess
 import sys
 from typing import Callable, Iterable
 
+import pyinfra
 from pyinfra import logger
 from pyinfra.api import StringCommand
+from pyinfra.api import util as pyinfra_util
+
+# The module, not the decorator pyinfra.api exports under the same name.
+pyinfra_operation = importlib.import_module("pyinfra.api.operation")
 from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS
 from pyinfra.connectors.util import make_unix_command, make_unix_command_for_host
 
@@ -100,6 +109,45 @@ def run_without_asking_when_nothing_changes(state) -> None:
 
     confirm_unless_nothing_changes.nothing_changes_runs = True
     cli._do_confirm = confirm_unless_nothing_changes
+
+
+def order_operations_without_inspect() -> None:
+    """Number each operation from its call stack without ``inspect.stack()``.
+
+    pyinfra (3.x, ``pyinfra/api/util.py``, ``get_operation_order_from_stack``) orders an
+    operation by the line numbers of the stack that queued it, read with
+    ``inspect.stack()``, which builds a ``FrameInfo`` with source context (a module
+    lookup and a source line read) for every frame, twice, for every operation of every
+    host: the largest share of pyinfra's own CPU in a no-op run of this deploy. The same
+    numbers come straight from the frames (``f_code.co_filename``, ``f_lineno``).
+    Belongs upstream.
+    """
+    if getattr(pyinfra_operation.get_operation_order_from_stack, "without_inspect", False):
+        return
+
+    def get_operation_order_from_stack(state):
+        frames = []
+        frame = sys._getframe(1)  # pyinfra's caller of this function, as inspect.stack()[1:]
+        while frame is not None:
+            frames.append(frame)
+            frame = frame.f_back
+        frames.reverse()
+        first = 0
+        # From the *first* frame of the deploy file on, as pyinfra does.
+        if state.current_deploy_filename:
+            for first, frame in enumerate(frames):
+                if frame.f_code.co_filename == state.current_deploy_filename:
+                    break
+            else:  # pyinfra is left with its own frame then, which it leaves out
+                first = len(frames)
+        numbers = [state.current_op_file_number] if pyinfra.is_cli else []
+        return numbers + [
+            frame.f_lineno for frame in frames[first:]
+            if not frame.f_code.co_filename.startswith(pyinfra_util.PYINFRA_INSTALL_DIR)
+        ]
+
+    get_operation_order_from_stack.without_inspect = True
+    pyinfra_operation.get_operation_order_from_stack = get_operation_order_from_stack
 
 
 def _plan_changes_anything(state) -> bool:

@@ -11,10 +11,11 @@ into a command's stdin. backchat needs that twice:
   line, a world-readable temp file (``files.put`` under ``_sudo`` uploads to /tmp first),
   or a ``--diff``, and a link planted at a file's name is replaced, never followed.
 
-Three fixes of pyinfra's own behaviour live here too, each with its upstream note:
-``send_small_packets_now`` (TCP_NODELAY on the SSH socket),
-``run_without_asking_when_nothing_changes`` (no "Press enter" for a plan without changes)
-and ``order_operations_without_inspect`` (each operation's order from its frames).
+Fixes of pyinfra's own behaviour live here too, each with its upstream note, applied by
+``prepare_run``: ``send_small_packets_now`` (TCP_NODELAY on the SSH socket),
+``run_without_asking_when_nothing_changes`` (no "Press enter" for a plan without changes),
+``order_operations_without_inspect`` (each operation's order from its frames) and
+``remember_global_argument_types`` (type hints read once).
 
 What this touches, and why it is safe to rely on (pyinfra 3.x):
 * ``host.connector.client``: the paramiko ``SSHClient`` of the ``@ssh`` connector; a new
@@ -27,8 +28,9 @@ What this touches, and why it is safe to rely on (pyinfra 3.x):
   executing (verify's probe through the host) the operation's ``_sudo`` and friends.
 * ``pyinfra_cli.cli._do_confirm`` (looked up by name when ``_main`` asks) and each
   planned operation's ``OperationMeta._maybe_is_change`` (what ``print_meta`` prints).
-* ``pyinfra.api.operation.get_operation_order_from_stack`` (looked up by name for each
-  operation); ``tests/test_transport.py`` checks the replacement against pyinfra's own.
+* ``pyinfra.api.operation.get_operation_order_from_stack`` and ``all_global_arguments``
+  of ``pyinfra.api.arguments`` and ``pyinfra.api.facts`` (each looked up by name when
+  called); ``tests/test_transport.py`` checks the replacements against pyinfra's own.
 
 If pyinfra changes these, ``tests/e2e/test_model_delivery.py``, the secret-file canary test
 and the re-run without ``-y`` in ``tests/e2e/test_realhosts.py`` fail.
@@ -48,8 +50,10 @@ from pyinfra import logger
 from pyinfra.api import StringCommand
 from pyinfra.api import util as pyinfra_util
 
-# The module, not the decorator pyinfra.api exports under the same name.
+# The modules, not what pyinfra.api exports under the same names.
 pyinfra_operation = importlib.import_module("pyinfra.api.operation")
+pyinfra_arguments = importlib.import_module("pyinfra.api.arguments")
+pyinfra_facts = importlib.import_module("pyinfra.api.facts")
 from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS
 from pyinfra.connectors.util import make_unix_command, make_unix_command_for_host
 
@@ -67,6 +71,15 @@ def _wrapped(state, host, command: StringCommand) -> str:
     return make_unix_command_for_host(
         state, host, command, **{key: value for key, value in arguments.items() if key in allowed}
     ).get_raw_value()
+
+
+def prepare_run(state, host) -> None:
+    """What every entry point (deploy, status, uninstall) does first for each host: the
+    fixes of pyinfra's own behaviour below, each applied once per run."""
+    send_small_packets_now(host)
+    run_without_asking_when_nothing_changes(state)
+    order_operations_without_inspect()
+    remember_global_argument_types()
 
 
 def send_small_packets_now(host) -> None:
@@ -148,6 +161,28 @@ def order_operations_without_inspect() -> None:
 
     get_operation_order_from_stack.without_inspect = True
     pyinfra_operation.get_operation_order_from_stack = get_operation_order_from_stack
+
+
+def remember_global_argument_types() -> None:
+    """Read the type hints of pyinfra's global arguments once, not for every call.
+
+    pyinfra (3.x, ``pyinfra/api/arguments.py``, ``all_global_arguments``) evaluates
+    ``typing.get_type_hints(AllArguments)`` (string annotations ``eval``ed, 40-odd of them)
+    each time an operation or a fact pops its global arguments: after the stack inspection
+    above, the largest share of pyinfra's own CPU per operation. The hints are fixed when
+    pyinfra is imported. Belongs upstream (a cache on ``all_global_arguments``).
+    """
+    original = pyinfra_arguments.all_global_arguments
+    if getattr(original, "remembered", False):
+        return
+    hints = original()
+
+    def all_global_arguments():
+        return list(hints)
+
+    all_global_arguments.remembered = True
+    for module in (pyinfra_arguments, pyinfra_facts):  # both look it up by name
+        module.all_global_arguments = all_global_arguments
 
 
 def _plan_changes_anything(state) -> bool:

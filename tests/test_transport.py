@@ -37,3 +37,16 @@ def test_operation_order_is_the_one_pyinfra_computes(replaced, monkeypatch, cli,
     theirs, ours = deeper(3, state, replaced)
     assert ours == theirs
     assert len(ours) > 3 or deploy_file == "/nowhere/deploy.py", "the test's own frames are counted"
+
+
+def test_global_argument_types_are_pyinfras_own(monkeypatch):
+    arguments, facts = transport.pyinfra_arguments, transport.pyinfra_facts
+    original = arguments.all_global_arguments
+    monkeypatch.setattr(arguments, "all_global_arguments", original)
+    monkeypatch.setattr(facts, "all_global_arguments", original)
+    transport.remember_global_argument_types()
+    assert arguments.all_global_arguments is facts.all_global_arguments is not original
+    assert arguments.all_global_arguments() == original() and len(original()) > 10
+    # Callers get their own list, as from pyinfra's.
+    arguments.all_global_arguments().clear()
+    assert arguments.all_global_arguments() == original()

@@ -29,6 +29,7 @@ def deploy_backchat():
     this = role(state.inventory, host)
 
     if this.serves_ai:
+        model.look_up_early(cfg)  # the Hub answers while preflight and step 1 read the host
         os_info = preflight.check(cfg)  # unsupported hosts are refused, one by one
         if not os_info:
             return

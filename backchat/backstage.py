@@ -30,18 +30,28 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import io
 import re
 from dataclasses import dataclass
 
 import yaml
 from pyinfra import host
-from pyinfra.facts.files import FileContents
-from pyinfra.operations import files
 
-from backchat import outcomes, resources
+from backchat import outcomes, own_files, resources
 from backchat.addresses import api_urls, gui_url, public_address
-from backchat.facts import text_of
+
+# libyaml's parser and emitter (PyYAML's C bindings) where PyYAML has them: the same YAML,
+# without most of a re-run's CPU on the controller (the catalog's OpenAPI text, char by char).
+_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_SafeDumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
+
+def _load(text):
+    return yaml.load(text, Loader=_SafeLoader)
+
+
+def _dump(data, **options) -> str:
+    return yaml.dump(data, Dumper=_SafeDumper, **options)
+
 
 CONFIG_FILE = "app-config.local.yaml"
 BASE_CONFIG_FILE = "app-config.yaml"
@@ -310,11 +320,11 @@ def restored_config(current_text: str | None, backup_text: str | None, cfg, base
     text = backup_text if backup_text is not None else current_text
     if text is None:
         return None
-    doc = yaml.safe_load(text)
+    doc = _load(text)
     if not carries_ours(doc, cfg):
         return text
-    rest = without_ours(doc, cfg, yaml.safe_load(base_text) if base_text else None)
-    return yaml.safe_dump(rest, sort_keys=False, default_flow_style=False) if rest else None
+    rest = without_ours(doc, cfg, _load(base_text) if base_text else None)
+    return _dump(rest, sort_keys=False, default_flow_style=False) if rest else None
 
 
 def render_config(existing_text: str | None, cfg, address: str, base_text: str | None = None) -> str:
@@ -324,10 +334,10 @@ def render_config(existing_text: str | None, cfg, address: str, base_text: str |
 
 def render_lab_config(existing_text: str | None, cfg, served: tuple[Served, ...], base_text: str | None = None) -> str:
     """app-config.local.yaml: ``existing_text`` merged with ours (``base_text``: app-config.yaml)."""
-    existing = yaml.safe_load(existing_text) if existing_text else None
-    base = yaml.safe_load(base_text) if base_text else None
+    existing = _load(existing_text) if existing_text else None
+    base = _load(base_text) if base_text else None
     merged = merge(existing, lab_config(cfg, served, base))
-    return yaml.safe_dump(merged, sort_keys=False, default_flow_style=False)
+    return _dump(merged, sort_keys=False, default_flow_style=False)
 
 
 # Helmet 6's defaults (helmet.contentSecurityPolicy.getDefaultDirectives()), in its order.
@@ -376,7 +386,7 @@ def csp_header(csp: dict | None) -> str:
     )
 
 
-class _CatalogDumper(yaml.SafeDumper):
+class _CatalogDumper(_SafeDumper):
     """Readable catalog YAML: multi-line strings (the OpenAPI definition) as ``|`` blocks,
     no anchors for repeated parts."""
 
@@ -384,7 +394,7 @@ class _CatalogDumper(yaml.SafeDumper):
         return True
 
 
-def _represent_str(dumper: yaml.SafeDumper, value: str):
+def _represent_str(dumper: _SafeDumper, value: str):
     style = "|" if "\n" in value else None
     return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
 
@@ -399,7 +409,7 @@ def openapi_definition(cfg, service: str, servers: list[dict]) -> dict:
     browser: Backstage's proxy (with a key), or the host itself, which must be allowed by
     Backstage's ``connect-src`` and answer CORS for Backstage's origin.
     """
-    definition = yaml.safe_load(resources.render("openai-api.yaml.j2", service=service, model_id=cfg.model_id))
+    definition = _load(resources.render("openai-api.yaml.j2", service=service, model_id=cfg.model_id))
     definition["servers"] = servers
     if cfg.api_key:
         definition["security"] = [{"apiKey": []}]
@@ -504,35 +514,33 @@ def configure(cfg, lab_hosts=None) -> None:
         served = lab([(each.name, each_cfg, public_address(each_cfg, each)) for each, each_cfg in lab_hosts])
     config_path = f"{cfg.backstage_app_dir}/{CONFIG_FILE}"
     base_path = f"{cfg.backstage_app_dir}/{BASE_CONFIG_FILE}"
-    existing_text = text_of(host.get_fact(FileContents, path=config_path))
-    base_text = text_of(host.get_fact(FileContents, path=base_path))
+    backup_path = f"{config_path}.backchat.bak"
+    catalog_path = f"{cfg.backstage_app_dir}/{CATALOG_FILE}"
+    # What is there now, with the two configs' texts, in one command.
+    seen = own_files.read([cfg.backstage_app_dir, backup_path, catalog_path], texts=[config_path, base_path])
+    existing_text = seen.get(config_path, {}).get("text") or None
+    base_text = seen.get(base_path, {}).get("text") or None
     for path, text in ((config_path, existing_text), (base_path, base_text)):
         try:
-            yaml.safe_load(text or "")
+            _load(text or "")
         except yaml.YAMLError as error:
             raise ValueError(f"{path} on {host.name} is not valid YAML: {error}") from None
     content = render_lab_config(existing_text, cfg, served, base_text)
-    catalog = render_lab_catalog(served, backend_url(yaml.safe_load(base_text) if base_text else None))
+    catalog = render_lab_catalog(served, backend_url(_load(base_text) if base_text else None))
 
     # No mode: this is the user's Backstage app, whose directory is theirs.
-    files.directory(name="Create the Backstage app directory", path=cfg.backstage_app_dir)
-    existing = yaml.safe_load(existing_text) if existing_text is not None else None
+    own_files.directory(name="Create the Backstage app directory", path=cfg.backstage_app_dir,
+                        seen=seen.get(cfg.backstage_app_dir))
+    existing = _load(existing_text) if existing_text is not None else None
     # The backup is the app's own file from before backchat changed it (uninstall.py puts
     # it back): a file that already lists our catalog is one of ours, never backed up.
-    if existing_text is not None and existing != yaml.safe_load(content) and not carries_ours(existing, cfg):
-        files.put(
-            name=f"Keep the previous {CONFIG_FILE}",
-            src=io.StringIO(existing_text),
-            dest=f"{config_path}.backchat.bak",
-            mode="0644",
-        )
-    files.put(name=f"Write {CONFIG_FILE}", src=io.StringIO(content), dest=config_path, mode="0644")
+    if existing_text is not None and existing != _load(content) and not carries_ours(existing, cfg):
+        own_files.file(name=f"Keep the previous {CONFIG_FILE}", dest=backup_path, content=existing_text,
+                       seen=seen.get(backup_path), mode="0644")
+    own_files.file(name=f"Write {CONFIG_FILE}", dest=config_path, content=content, seen=seen.get(config_path),
+                   mode="0644")
     outcomes.record(host.name, backstage_config=config_path, ai_server_url=gui_host(cfg, served).gui)
     if any(each.cfg.api_key for each in served):
         outcomes.record(host.name, backstage_env="BACKCHAT_API_KEY")
-    files.put(
-        name=f"Write {CATALOG_FILE}",
-        src=io.StringIO(catalog),
-        dest=f"{cfg.backstage_app_dir}/{CATALOG_FILE}",
-        mode="0644",
-    )
+    own_files.file(name=f"Write {CATALOG_FILE}", dest=catalog_path, content=catalog, seen=seen.get(catalog_path),
+                   mode="0644")

@@ -44,6 +44,11 @@ def packages_for(source: str, os_id: str) -> list[str]:
     return DOCKER_CE_PACKAGES if source == "docker" else DISTRIBUTION_PACKAGES[os_id]
 
 
+def missing(installed: dict, names: list[str]) -> list[str]:
+    """The packages of ``names`` this host does not have installed."""
+    return [name for name in names if name not in installed]
+
+
 def conflicting(installed: dict) -> list[str]:
     """The conflicting packages this host really has installed (none: nothing to remove)."""
     return [name for name in CONFLICTING_PACKAGES if name in installed]
@@ -122,20 +127,24 @@ def install(cfg, os_info: dict) -> bool:
             outcomes.refuse_host(str(problem))
             return False
     wanted = packages_for(cfg.docker_source, os_info["id"])
+    # Read once (`dpkg -l` is most of a re-run's bytes): the apt operations below are
+    # queued only for what is missing or in the way, so they never read it again.
     installed = host.get_fact(DebPackages)
     sources_changed = False
 
     # curl fetches the model in step 2 (with resume). apt-get update only
     # when something is missing: a fresh image has empty lists, a re-run must change nothing.
-    if any(name not in installed for name in [*BASE_PACKAGES, *wanted]):
+    if missing(installed, [*BASE_PACKAGES, *wanted]):
         apt.update(name="Update apt lists")
-    apt.packages(name="Install curl and CA certificates", packages=BASE_PACKAGES)
+    if missing(installed, BASE_PACKAGES):
+        apt.packages(name="Install curl and CA certificates", packages=BASE_PACKAGES)
     if key is not None:
-        apt.packages(
-            name="Remove packages that conflict with Docker's",
-            packages=conflicting(installed),
-            present=False,
-        )
+        if conflicting(installed):
+            apt.packages(
+                name="Remove packages that conflict with Docker's",
+                packages=conflicting(installed),
+                present=False,
+            )
         files.directory(name="Create the apt keyrings directory", path="/etc/apt/keyrings", mode="0755")
         keyring = files.put(
             name="Install Docker's apt signing key (fingerprint checked)",
@@ -158,7 +167,10 @@ def install(cfg, os_info: dict) -> bool:
 
     if sources_changed:
         apt.update(name="Update apt lists with Docker's repository")
-    apt.packages(name="Install Docker Engine and compose v2", packages=wanted, no_recommends=True)
+    if missing(installed, wanted):
+        apt.packages(name="Install Docker Engine and compose v2", packages=wanted, no_recommends=True)
+    else:
+        host.noop(f"{', '.join(wanted)} installed")
 
     for user in cfg.docker_users:
         server.user(name=f"Let {user} use docker", user=user, groups=["docker"], append=True)

@@ -6,6 +6,7 @@ command whose output a pure ``process`` turns into data (tested against fixed ou
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import shlex
@@ -445,6 +446,73 @@ class OwnPaths(FactBase):
             if rel:
                 found[rel] = kind
         return found
+
+
+# --- the files and directories a step writes -------------------------------------------
+
+# One line per path that exists: kind mode user group sha256 path, never following a link
+# at the path itself. Arguments: the number of paths whose text is wanted too, then those
+# paths, then the others. A text comes base64-encoded after its path's line (exact bytes);
+# a link's is its target's, when that is a file (a config may be a link to the real one).
+PATH_STATES_SCRIPT = r"""
+read=$1; shift
+for p in "$@"; do
+  if [ -L "$p" ]; then
+    echo "link - - - - $p"
+    if [ "$read" -gt 0 ] && [ -f "$p" ]; then echo "text $(base64 -w 0 < "$p")"; fi
+  elif [ -f "$p" ]; then
+    sum=$(sha256sum < "$p" 2>/dev/null) || sum=-
+    echo "file $(stat -c '%a %U %G' -- "$p") ${sum%% *} $p"
+    if [ "$read" -gt 0 ]; then echo "text $(base64 -w 0 < "$p")"; fi
+  elif [ -d "$p" ]; then echo "directory $(stat -c '%a %U %G' -- "$p") - $p"
+  elif [ -e "$p" ]; then echo "other - - - - $p"
+  fi
+  read=$((read - 1))
+done
+"""
+
+
+class PathStates(FactBase):
+    """
+    Returns what each of ``paths`` is, read in one command without following a link at
+    the path: ``{"/opt/backchat/.env": {"kind": "file", "mode": "600", "user": "root",
+    "group": "root", "sha256": "..."}}``; ``kind`` is also ``directory``, ``link`` or
+    ``other``. Missing paths are left out. The files in ``texts`` also carry their ``text``.
+    """
+
+    default = dict
+
+    def command(self, paths: list[str], texts: list[str] = ()) -> str:
+        ordered = [*texts, *(path for path in paths if path not in texts)]
+        quoted = " ".join(shlex.quote(path) for path in ordered)
+        return f"sh -c {shlex.quote(PATH_STATES_SCRIPT)} path-states {len(texts)} {quoted}"
+
+    def process(self, output):
+        return parse_path_states(list(output))
+
+
+def parse_path_states(lines: list[str]) -> dict[str, dict]:
+    found: dict[str, dict] = {}
+    last = None
+    for line in lines:
+        if line.split(" ", 1)[0] == "text" and last is not None:
+            try:
+                last["text"] = base64.b64decode(line[5:].strip()).decode()
+            except (ValueError, UnicodeDecodeError):
+                last["text"] = None  # not text: treated as a file to replace
+            continue
+        fields = line.split(" ", 5)
+        if len(fields) != 6 or fields[0] not in ("file", "directory", "link", "other"):
+            continue
+        kind, mode, user, group, sha256, path = fields
+        last = found[path] = {
+            "kind": kind,
+            "mode": None if mode == "-" else mode,
+            "user": None if user == "-" else user,
+            "group": None if group == "-" else group,
+            "sha256": None if sha256 == "-" else sha256,
+        }
+    return found
 
 
 # --- LocalAI's backend, unpacked from the controller's archive -------------------------

@@ -34,6 +34,7 @@ from backchat.model_source import (
     is_verified,
     pinned_mismatch,
     resolve,
+    start_resolve,
 )
 
 NEED_BYTES = 100  # fetch-model.sh with URL "-": the .part needs bytes from the controller
@@ -57,11 +58,17 @@ def disk_problem(cfg, needed_bytes: int) -> str | None:
     return None
 
 
+def _lookup(cfg) -> tuple:
+    return endpoint_for(cfg.hf_endpoint), cfg.model_repo, cfg.model_file, cfg.model_revision, secrets.hf_token()
+
+
+def look_up_early(cfg) -> None:
+    """Start the Hub lookup step 2 needs now, so it runs while the earlier steps read the host."""
+    start_resolve(*_lookup(cfg))
+
+
 def source_for(cfg) -> Source:
-    token = secrets.hf_token()
-    source = choose_source(
-        cfg, lambda: resolve(endpoint_for(cfg.hf_endpoint), cfg.model_repo, cfg.model_file, cfg.model_revision, token)
-    )
+    source = choose_source(cfg, lambda: resolve(*_lookup(cfg)))
     if source.note:
         host.log_styled(source.note, fg="yellow")
     return source

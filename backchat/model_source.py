@@ -78,23 +78,47 @@ def endpoint_for(hf_endpoint: str | None) -> str:
     return (hf_endpoint or os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
 
 
-def run_hub(args: list[str], token: Secret | None) -> dict:
-    """Run ``python -m backchat.hub ARGS`` and return its JSON answer (the token via the environment)."""
+def start_hub(args: list[str], token: Secret | None) -> Callable[[], dict]:
+    """Start ``python -m backchat.hub ARGS`` now (the token via the environment); the
+    function returned waits for its JSON answer."""
     env = {**os.environ, "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     env.pop("HF_TOKEN", None)
     if token:
         env["HF_TOKEN"] = token.reveal()
-    child = subprocess.run([sys.executable, "-m", "backchat.hub", *args], capture_output=True, text=True, env=env)
-    try:
-        return json.loads(child.stdout.strip().splitlines()[-1])
-    except (ValueError, IndexError):
-        return {"error": f"backchat.hub {args[0]} crashed: {child.stderr.strip()[-500:]}"}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "backchat.hub", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+
+    def answer() -> dict:
+        stdout, stderr = child.communicate()
+        try:
+            return json.loads(stdout.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            return {"error": f"backchat.hub {args[0]} crashed: {stderr.strip()[-500:]}"}
+
+    return answer
+
+
+def run_hub(args: list[str], token: Secret | None) -> dict:
+    """Run ``python -m backchat.hub ARGS`` and return its JSON answer."""
+    return start_hub(args, token)()
 
 
 # pyinfra runs each host in its own greenlet (gevent patches threading): the lock makes
 # the other hosts wait for the first lookup instead of starting one child process each.
 _lookup_lock = threading.Lock()
 _lookups: dict[tuple, ResolvedModel | ModelSourceError] = {}
+_started: dict[tuple, Callable[[], dict]] = {}
+
+
+def start_resolve(endpoint: str, repo: str, filename: str, revision: str, token: Secret | None) -> None:
+    """Start the lookup ``resolve`` will need, so that it runs while the hosts are read
+    (a child process of its own: about a second of a re-run that otherwise waits for it)."""
+    key = (endpoint, repo, filename, revision, token)
+    with _lookup_lock:
+        if key not in _lookups and key not in _started:
+            _started[key] = start_hub([endpoint, repo, filename, revision], token)
 
 
 def resolve(endpoint: str, repo: str, filename: str, revision: str, token: Secret | None) -> ResolvedModel:
@@ -102,7 +126,8 @@ def resolve(endpoint: str, repo: str, filename: str, revision: str, token: Secre
     key = (endpoint, repo, filename, revision, token)
     with _lookup_lock:
         if key not in _lookups:
-            answer = run_hub([endpoint, repo, filename, revision], token)
+            started = _started.pop(key, None)
+            answer = started() if started else run_hub([endpoint, repo, filename, revision], token)
             if "error" in answer:
                 _lookups[key] = ModelSourceError(answer["error"], unreachable=bool(answer.get("unreachable")))
             else:

@@ -13,6 +13,7 @@ shares one key. ``auth = False`` turns it off explicitly.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -20,10 +21,9 @@ import secrets as random
 from pathlib import Path
 
 from pyinfra import host
-from pyinfra.api import FunctionCommand, QuoteString, StringCommand, operation
-from pyinfra.facts.files import Sha256File
+from pyinfra.api import operation
 
-from backchat import outcomes, transport
+from backchat import own_files
 
 DEFAULT_KEY_FILE = "~/.config/backchat/api-key"
 # Keys end up in .env and in an argument list the Text Gen WebUI image word-splits: no quoting.
@@ -113,35 +113,30 @@ def fingerprint(secret: Secret | None) -> str:
     return hashlib.sha256(secret.reveal().encode()).hexdigest()[:8]
 
 
+# secret_file's ``seen`` when the caller has not read the file's state.
+UNREAD = "unread"
+
+
+def _bytes_of(lines: tuple) -> bytes:
+    return reveal(lines).encode()
+
+
 @operation()
-def secret_file(dest: str, lines: tuple, mode: str = "0600"):
+def secret_file(dest: str, lines: tuple, mode: str = "0600", seen: dict | None | str = UNREAD):
     """
     Write a file holding secrets: created 0600 from the start, compared by hash, no diff shown.
 
     + dest: the file on the host (its directory must exist)
     + lines: the file's lines; ``Secret`` items are revealed only when writing
     + mode: the file's mode
+    + seen: ``dest``'s entry of ``own_files.read()`` when the step read it (None: nothing there)
     """
-    digest = hashlib.sha256(reveal(lines).encode()).hexdigest()
-    if host.get_fact(Sha256File, path=dest) == digest:
+    if seen == UNREAD:
+        seen = own_files.read([dest]).get(dest)
+    if own_files.is_current(seen, hashlib.sha256(_bytes_of(lines)).hexdigest(), mode):
         host.noop(f"{dest} is up to date")
         return
     host.log(f"Will write {dest} (it holds a secret: no diff is shown)")
     # The lines travel with their Secret items still wrapped: pyinfra may print the
     # command's arguments (-vv, --debug), which then show <secret>.
-    yield FunctionCommand(_write_secret, (dest, tuple(lines), mode), {})
-
-
-# The bytes go through stdin into a file created 0600 beside dest, then mv replaces dest:
-# a link planted at either name is replaced, never followed.
-_WRITE = 'umask 077 && rm -f "$1.new" && cat >"$1.new" && chmod "$2" "$1.new" && mv -f "$1.new" "$1"'
-
-
-def _write_secret(state, host, dest: str, lines: tuple, mode: str) -> bool:
-    command = StringCommand("sh", "-c", QuoteString(_WRITE), "write", QuoteString(dest), mode)
-    try:
-        transport.run_with_stdin(state, host, command, lambda _line: [reveal(lines).encode()])
-    except transport.TransportError as error:
-        outcomes.fail(host, f"could not write {dest}: {error}")
-        return False
-    return True
+    yield own_files.write_command(dest, functools.partial(_bytes_of, tuple(lines)), mode)

@@ -7,14 +7,13 @@ re-run touches no container.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 from pyinfra import host
 from pyinfra.api import QuoteString, StringCommand, operation
 from pyinfra.operations import files, server
 
-from backchat import addresses, images, localai_backend, outcomes, resources, secrets, tls
+from backchat import addresses, images, localai_backend, outcomes, own_files, resources, secrets, tls
 from backchat.facts import COMPOSE_PROJECT as PROJECT
 from backchat.facts import ComposeStack, DockerImageTags, PhysicalCores
 
@@ -108,23 +107,27 @@ def certificate_names(cfg) -> list[str]:
     )
 
 
-def write_certificate(cfg) -> bool:
+def write_certificate(cfg, seen: dict[str, dict]) -> list:
     """The front door's certificate, its key and the API key map (both 0600) in
-    ``stack_dir/tls``: did any change?"""
+    ``stack_dir/tls``: their operations."""
     certificate = tls.host_certificate(cfg, host.name, certificate_names(cfg))
     outcomes.record(host.name, trust=certificate.trust or "your certificate's issuer")
+    directory, (cert, key, key_map) = f"{cfg.stack_dir}/{tls.HOST_DIR}", certificate_paths(cfg)
+    own_files.directory(name="Create the front door's certificate directory", path=directory,
+                        seen=seen.get(directory), mode="0700")
+    return [
+        own_files.file(name=f"Write {tls.HOST_DIR}/{tls.CERT_FILE}", dest=cert, content=certificate.cert_pem,
+                       seen=seen.get(cert), mode="0644"),
+        secrets.secret_file(name=f"Write {tls.HOST_DIR}/{tls.KEY_FILE} (0600)", dest=key,
+                            lines=(certificate.key_pem,), seen=seen.get(key)),
+    ] + ([secrets.secret_file(name=f"Write {tls.HOST_DIR}/{DOOR_KEY_MAP} (0600)", dest=key_map,
+                              lines=door_key_lines(cfg), seen=seen.get(key_map))] if cfg.api_key else [])
+
+
+def certificate_paths(cfg) -> tuple[str, str, str]:
+    """The front door's certificate, its key and the API key map."""
     directory = f"{cfg.stack_dir}/{tls.HOST_DIR}"
-    files.directory(name="Create the front door's certificate directory", path=directory, mode="0700")
-    cert = files.put(name=f"Write {tls.HOST_DIR}/{tls.CERT_FILE}", src=io.StringIO(certificate.cert_pem),
-                     dest=f"{directory}/{tls.CERT_FILE}", mode="0644")
-    key = secrets.secret_file(name=f"Write {tls.HOST_DIR}/{tls.KEY_FILE} (0600)", dest=f"{directory}/{tls.KEY_FILE}",
-                              lines=(certificate.key_pem,))
-    changed = [cert.will_change, key.will_change]
-    if cfg.api_key:
-        key_map = secrets.secret_file(name=f"Write {tls.HOST_DIR}/{DOOR_KEY_MAP} (0600)",
-                                      dest=f"{directory}/{DOOR_KEY_MAP}", lines=door_key_lines(cfg))
-        changed.append(key_map.will_change)
-    return any(changed)
+    return f"{directory}/{tls.CERT_FILE}", f"{directory}/{tls.KEY_FILE}", f"{directory}/{DOOR_KEY_MAP}"
 
 
 def tune() -> dict:
@@ -133,35 +136,42 @@ def tune() -> dict:
 
 
 def write_and_start(cfg, threads: int) -> None:
+    rendered = rendered_files(cfg, threads)
+    env = f"{cfg.stack_dir}/.env"
+    door = addresses.behind_front_door(cfg)
+    tls_paths = [f"{cfg.stack_dir}/{tls.HOST_DIR}", *certificate_paths(cfg)] if door else []
+    # What is there now, in one command: each write below decides from it and reads nothing.
+    seen = own_files.read([cfg.stack_dir, env, *rendered, *tls_paths])
     # No mode: a directory that already exists (maybe not ours) is never re-moded.
-    files.directory(name="Create the stack directory", path=cfg.stack_dir)
-    env = secrets.secret_file(name="Write .env (0600)", dest=f"{cfg.stack_dir}/.env", lines=env_lines(cfg))
-    changed = {f"{cfg.stack_dir}/.env": env.will_change}
-    for path, (content, mode) in rendered_files(cfg, threads).items():
-        put = files.put(
-            name=f"Write {Path(path).name}",
-            src=io.StringIO(content),
-            dest=path,
-            mode=mode,
-        )
-        changed[path] = put.will_change
-    door_changed = addresses.behind_front_door(cfg) and write_certificate(cfg)
+    own_files.directory(name="Create the stack directory", path=cfg.stack_dir, seen=seen.get(cfg.stack_dir))
+    writes = {env: secrets.secret_file(name="Write .env (0600)", dest=env, lines=env_lines(cfg), seen=seen.get(env))}
+    for path, (content, mode) in rendered.items():
+        writes[path] = own_files.file(name=f"Write {Path(path).name}", dest=path, content=content,
+                                      seen=seen.get(path), mode=mode)
+    door_writes = write_certificate(cfg, seen) if door else []
     backend_changed = localai_backend.deliver(cfg)
 
     if not cfg.start:
         host.noop("start = False: the stack is written but not started")
         return
     load_image_archives(cfg)
+    # will_change costs no command here: the writes decide from what was read above.
+    door_changed = any(write.will_change for write in door_writes)
     compose_up(
         name="Start the stack (docker compose up -d)",
         project_dir=cfg.stack_dir,
         services=addresses.compose_services(cfg),
-        files_changed=any(changed.values()) or door_changed or backend_changed,
+        files_changed=door_changed or backend_changed or any(write.will_change for write in writes.values()),
         # LocalAI reads its model config and registers its backends at start, nginx its
         # config and certificate; compose cannot see those files change.
-        restart=(["localai"] if changed.get(f"{cfg.models_dir}/{cfg.model_id}.yaml") or backend_changed else [])
-        + (["frontdoor"] if door_changed or changed.get(f"{cfg.stack_dir}/{FRONTDOOR_CONF}") else []),
+        restart=(["localai"] if changed(writes, f"{cfg.models_dir}/{cfg.model_id}.yaml") or backend_changed else [])
+        + (["frontdoor"] if door_changed or changed(writes, f"{cfg.stack_dir}/{FRONTDOOR_CONF}") else []),
     )
+
+
+def changed(writes: dict, path: str) -> bool:
+    """Will this run's write of ``path``, if it has one, change the file?"""
+    return path in writes and writes[path].will_change
 
 
 def load_image_archives(cfg) -> None:

@@ -6,9 +6,16 @@ into a command's stdin. backchat needs that twice:
 * the controller push of the model (``model_source = "controller"``) appends exactly the
   bytes a host's ``.part`` file lacks, read once, without re-hashing 4 GB per run as
   ``files.put`` does and without rsync on both sides;
-* secret files are written through ``umask 077; cat >file``, so the secret is never in a
-  command line, a world-readable temp file (``files.put`` under ``_sudo`` uploads to /tmp
-  first), or a ``--diff``.
+* the files the steps write (``own_files``; secret files through ``secrets.secret_file``)
+  go through ``umask 077; cat >file.new`` and ``mv``, so a secret is never in a command
+  line, a world-readable temp file (``files.put`` under ``_sudo`` uploads to /tmp first),
+  or a ``--diff``, and a link planted at a file's name is replaced, never followed.
+
+Fixes of pyinfra's own behaviour live here too, each with its upstream note, applied by
+``prepare_run``: ``send_small_packets_now`` (TCP_NODELAY on the SSH socket),
+``run_without_asking_when_nothing_changes`` (no "Press enter" for a plan without changes),
+``order_operations_without_inspect`` (each operation's order from its frames) and
+``remember_global_argument_types`` (type hints read once).
 
 What this touches, and why it is safe to rely on (pyinfra 3.x):
 * ``host.connector.client``: the paramiko ``SSHClient`` of the ``@ssh`` connector; a new
@@ -19,18 +26,34 @@ What this touches, and why it is safe to rely on (pyinfra 3.x):
   ``@chroot``) are not supported and say so.
 * ``host.current_op_global_arguments`` also gives commands an operation runs itself while
   executing (verify's probe through the host) the operation's ``_sudo`` and friends.
+* ``pyinfra_cli.cli._do_confirm`` (looked up by name when ``_main`` asks) and each
+  planned operation's ``OperationMeta._maybe_is_change`` (what ``print_meta`` prints).
+* ``pyinfra.api.operation.get_operation_order_from_stack`` and ``all_global_arguments``
+  of ``pyinfra.api.arguments`` and ``pyinfra.api.facts`` (each looked up by name when
+  called); ``tests/test_transport.py`` checks the replacements against pyinfra's own.
 
-If pyinfra changes these, ``tests/e2e/test_model_delivery.py`` and the secret-file canary test fail.
+If pyinfra changes these, ``tests/e2e/test_model_delivery.py``, the secret-file canary test
+and the re-run without ``-y`` in ``tests/e2e/test_realhosts.py`` fail.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import socket
 import subprocess
+import sys
 from typing import Callable, Iterable
 
+import pyinfra
+from pyinfra import logger
 from pyinfra.api import StringCommand
+from pyinfra.api import util as pyinfra_util
+
+# The modules, not what pyinfra.api exports under the same names.
+pyinfra_operation = importlib.import_module("pyinfra.api.operation")
+pyinfra_arguments = importlib.import_module("pyinfra.api.arguments")
+pyinfra_facts = importlib.import_module("pyinfra.api.facts")
 from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS
 from pyinfra.connectors.util import make_unix_command, make_unix_command_for_host
 
@@ -50,6 +73,15 @@ def _wrapped(state, host, command: StringCommand) -> str:
     ).get_raw_value()
 
 
+def prepare_run(state, host) -> None:
+    """What every entry point (deploy, status, uninstall) does first for each host: the
+    fixes of pyinfra's own behaviour below, each applied once per run."""
+    send_small_packets_now(host)
+    run_without_asking_when_nothing_changes(state)
+    order_operations_without_inspect()
+    remember_global_argument_types()
+
+
 def send_small_packets_now(host) -> None:
     """Turn off Nagle's algorithm on the host's SSH socket.
 
@@ -62,6 +94,104 @@ def send_small_packets_now(host) -> None:
     sock = getattr(client.get_transport(), "sock", None) if client is not None else None
     if isinstance(sock, socket.socket):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def run_without_asking_when_nothing_changes(state) -> None:
+    """Let a run whose plan changes nothing go on to execute without asking.
+
+    pyinfra's CLI (3.x, ``pyinfra_cli/cli.py``, ``_main``) prints the plan and then, unless
+    ``-y``, always asks "Press enter to execute..." (``_do_confirm``), even when no
+    operation on any host will change anything. A re-run of an unchanged lab is exactly
+    that, and what it is for happens while executing: verify asks every backend, and the
+    report follows. Unanswered (no terminal: stdin closed), the question ends the run in
+    click's "Aborted!" (exit 1) before any of it; answered with anything but Enter, it
+    ends quietly. With nothing to change there is nothing to confirm, so the question is
+    skipped then; a plan with any change (or a conditional one) still asks. Belongs
+    upstream: skip the confirmation when the plan that ``print_meta`` shows is empty.
+    """
+    cli = sys.modules.get("pyinfra_cli.cli")  # absent when pyinfra runs as an API
+    confirm = getattr(cli, "_do_confirm", None)
+    if confirm is None or getattr(confirm, "nothing_changes_runs", False):
+        return
+
+    def confirm_unless_nothing_changes(message: str) -> bool:
+        if message.startswith("Detected changes") and not _plan_changes_anything(state):
+            logger.info("--> Nothing to change: executing without asking (verify runs, the report follows)")
+            return True
+        return confirm(message)
+
+    confirm_unless_nothing_changes.nothing_changes_runs = True
+    cli._do_confirm = confirm_unless_nothing_changes
+
+
+def order_operations_without_inspect() -> None:
+    """Number each operation from its call stack without ``inspect.stack()``.
+
+    pyinfra (3.x, ``pyinfra/api/util.py``, ``get_operation_order_from_stack``) orders an
+    operation by the line numbers of the stack that queued it, read with
+    ``inspect.stack()``, which builds a ``FrameInfo`` with source context (a module
+    lookup and a source line read) for every frame, twice, for every operation of every
+    host: the largest share of pyinfra's own CPU in a no-op run of this deploy. The same
+    numbers come straight from the frames (``f_code.co_filename``, ``f_lineno``).
+    Belongs upstream.
+    """
+    if getattr(pyinfra_operation.get_operation_order_from_stack, "without_inspect", False):
+        return
+
+    def get_operation_order_from_stack(state):
+        frames = []
+        frame = sys._getframe(1)  # pyinfra's caller of this function, as inspect.stack()[1:]
+        while frame is not None:
+            frames.append(frame)
+            frame = frame.f_back
+        frames.reverse()
+        first = 0
+        # From the *first* frame of the deploy file on, as pyinfra does.
+        if state.current_deploy_filename:
+            for first, frame in enumerate(frames):
+                if frame.f_code.co_filename == state.current_deploy_filename:
+                    break
+            else:  # pyinfra is left with its own frame then, which it leaves out
+                first = len(frames)
+        numbers = [state.current_op_file_number] if pyinfra.is_cli else []
+        return numbers + [
+            frame.f_lineno for frame in frames[first:]
+            if not frame.f_code.co_filename.startswith(pyinfra_util.PYINFRA_INSTALL_DIR)
+        ]
+
+    get_operation_order_from_stack.without_inspect = True
+    pyinfra_operation.get_operation_order_from_stack = get_operation_order_from_stack
+
+
+def remember_global_argument_types() -> None:
+    """Read the type hints of pyinfra's global arguments once, not for every call.
+
+    pyinfra (3.x, ``pyinfra/api/arguments.py``, ``all_global_arguments``) evaluates
+    ``typing.get_type_hints(AllArguments)`` (string annotations ``eval``ed, 40-odd of them)
+    each time an operation or a fact pops its global arguments: after the stack inspection
+    above, the largest share of pyinfra's own CPU per operation. The hints are fixed when
+    pyinfra is imported. Belongs upstream (a cache on ``all_global_arguments``).
+    """
+    original = pyinfra_arguments.all_global_arguments
+    if getattr(original, "remembered", False):
+        return
+    hints = original()
+
+    def all_global_arguments():
+        return list(hints)
+
+    all_global_arguments.remembered = True
+    for module in (pyinfra_arguments, pyinfra_facts):  # both look it up by name
+        module.all_global_arguments = all_global_arguments
+
+
+def _plan_changes_anything(state) -> bool:
+    for each in state.inventory.iter_activated_hosts():
+        for op_hash in state.ops.get(each, {}):
+            # None: not checked while planning (-y); only False is a known "no change".
+            if state.get_op_data_for_host(each, op_hash).operation_meta._maybe_is_change is not False:
+                return True
+    return False
 
 
 def run_as_operation(host, command: StringCommand, **kwargs):

@@ -41,11 +41,31 @@ def write_inventory(path: Path, hosts: dict[str, dict], group: str = "lab", **gr
     return path
 
 
+def sandbox_data(endpoint: str, repo: str, model_file: str, **overrides) -> list[str]:
+    """``--data`` items for a deploy to sandbox hosts (no systemd there: start = False) with
+    the model from a Hub stand-in at ``endpoint``."""
+    data = {
+        "start": "false",
+        "docker_source": "debian",
+        "model_repo": repo,
+        "model_file": model_file,
+        "model_revision": "main",
+        "model_sha256": "null",
+        "hf_endpoint": endpoint,
+        "min_memory_mb": "0",
+        "public_address": "ai.lab.test",
+        **overrides,
+    }
+    return [f"{key}={value}" for key, value in data.items()]
+
+
 def run_deploy(
-    inventory: Path, *data: str, limit: str | None = None, timeout: int = 1800, env=None, command: str = "deploy.py"
+    inventory: Path, *data: str, limit: str | None = None, timeout: int = 1800, env=None, command: str = "deploy.py",
+    python_args: tuple[str, ...] = (),
 ) -> DeployRun:
-    """``command``: deploy.py, or the day-two status.py / uninstall.py."""
-    args = [sys.executable, "-m", "pyinfra", "-y", "--json", str(inventory), command]
+    """``command``: deploy.py, or the day-two status.py / uninstall.py. ``python_args`` go
+    before ``-m pyinfra`` (e.g. ``-m cProfile -o FILE``)."""
+    args = [sys.executable, *python_args, "-m", "pyinfra", "-y", "--json", str(inventory), command]
     for item in data:
         args += ["--data", item]
     if limit:

@@ -599,7 +599,11 @@ class SandboxHost:
             return
         with open(self.dir / "sshd.log", "ab") as sshd_log:
             self._sshd = subprocess.Popen(
-                self._in_host("/usr/sbin/sshd", "-D", "-e", "-o", f"ListenAddress={self.address}"),
+                # VERBOSE: sshd logs one "Starting session:" line per command (and per
+                # SFTP upload), which remote_commands() counts.
+                self._in_host(
+                    "/usr/sbin/sshd", "-D", "-e", "-o", f"ListenAddress={self.address}", "-o", "LogLevel=VERBOSE"
+                ),
                 env=self._env(),
                 stdin=subprocess.DEVNULL,
                 stdout=sshd_log,
@@ -607,6 +611,17 @@ class SandboxHost:
                 start_new_session=True,  # a Ctrl-C in pytest must not kill it before teardown
             )
         self._wait_for_port(22)
+
+    def remote_commands(self) -> int:
+        """Sessions sshd has started so far: one per command run over SSH (an exec
+        channel) or SFTP session, however the client batches them on one connection."""
+        log_text = (self.dir / "sshd.log").read_text(errors="replace")
+        return log_text.count("Starting session: ")
+
+    def link_bytes(self) -> int:
+        """Bytes through the host's network link so far, both ways (TCP/IP headers included)."""
+        stats = Path(f"/sys/class/net/{VETH_PREFIX}{self.slot}/statistics")
+        return sum(int((stats / name).read_text()) for name in ("rx_bytes", "tx_bytes"))
 
     def stop_sshd(self) -> None:
         """Stop the listening sshd; like `systemctl stop ssh`, open sessions survive."""

@@ -1,5 +1,6 @@
 """The physical-core fact and the other facts' parsers, on fixed outputs and on this machine."""
 
+import hashlib
 import subprocess
 
 import psutil
@@ -11,9 +12,11 @@ from backchat.facts import (
     MemTotalMb,
     ModelFile,
     OsRelease,
+    PathStates,
     PhysicalCores,
     count_physical_cores,
     parse_cpu_list,
+    parse_path_states,
 )
 
 
@@ -173,3 +176,39 @@ def test_compose_project_reads_containers_health_volumes_and_networks():
     daemon_down = ComposeProject().process(["unreachable Cannot connect to the Docker daemon at unix:///var/run/docker.sock."])
     assert daemon_down["docker"].startswith("unreachable: Cannot connect") and daemon_down["containers"] == []
     assert "label=com.docker.compose.project=backchat" in ComposeProject().command("backchat")
+
+
+def test_path_states_on_this_machine_never_follow_a_link(tmp_path):
+    """One command reads every path: kind, mode, owner, sha256, and the texts asked for;
+    a link is reported as a link (never as what it points to), a missing path is absent."""
+    (tmp_path / "dir").mkdir(mode=0o750)
+    (tmp_path / "dir").chmod(0o750)
+    secret = tmp_path / "dir" / ".env"
+    secret.write_text("KEY=1\n")
+    secret.chmod(0o600)
+    config = tmp_path / "config.yaml"
+    config.write_bytes(b"a: 1\nno newline at the end")
+    (tmp_path / "empty").write_text("")
+    (tmp_path / "link").symlink_to(secret)
+    (tmp_path / "config-link.yaml").symlink_to(config)
+    paths = [str(tmp_path / name) for name in ("dir", "dir/.env", "link", "missing", "a path with spaces")]
+    texts = [str(config), str(tmp_path / "config-link.yaml"), str(tmp_path / "empty"), str(tmp_path / "gone.yaml")]
+    found = run_fact_here(PathStates(), paths=paths, texts=texts)
+    user = subprocess.run(["id", "-un"], capture_output=True, text=True).stdout.strip()
+    directory = found[str(tmp_path / "dir")]
+    assert (directory["kind"], directory["mode"], directory["user"], directory["sha256"]) == ("directory", "750", user, None)
+    assert found[str(secret)]["kind"] == "file" and found[str(secret)]["mode"] == "600"
+    assert found[str(secret)]["sha256"] == hashlib.sha256(b"KEY=1\n").hexdigest() and "text" not in found[str(secret)]
+    assert found[str(tmp_path / "link")] == {"kind": "link", "mode": None, "user": None, "group": None, "sha256": None}
+    assert found[str(config)]["text"] == "a: 1\nno newline at the end", "the exact bytes"
+    # A config may be a link to the real one: its text is read (it is never written through).
+    assert found[str(tmp_path / "config-link.yaml")]["kind"] == "link"
+    assert found[str(tmp_path / "config-link.yaml")]["text"] == "a: 1\nno newline at the end"
+    assert found[str(tmp_path / "empty")].get("text", "") == ""
+    assert not {str(tmp_path / "missing"), str(tmp_path / "gone.yaml"), str(tmp_path / "a path with spaces")} & set(found)
+
+
+def test_path_states_parser_takes_paths_with_spaces():
+    found = parse_path_states(["file 644 root root abc /opt/my stack/x.yaml", "text eDogMQo=", "junk", "directory 755 root root - /opt"])
+    assert found["/opt/my stack/x.yaml"] == {"kind": "file", "mode": "644", "user": "root", "group": "root", "sha256": "abc", "text": "x: 1\n"}
+    assert found["/opt"]["kind"] == "directory" and "text" not in found["/opt"]

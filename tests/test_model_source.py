@@ -107,6 +107,25 @@ def test_the_hub_is_asked_once_per_run_however_many_hosts(monkeypatch):
     assert len(calls) == 1 and len(answers) == 1
 
 
+def test_a_lookup_started_early_is_the_one_resolve_uses(monkeypatch):
+    started, waited = [], []
+
+    def start_hub(args, token):
+        started.append(args)
+        return lambda: waited.append(args) or {"repo": "r/m", "filename": "f.gguf", "commit": "c" * 40, "sha256": SHA, "size": 5}
+
+    monkeypatch.setattr(model_source, "start_hub", start_hub)
+    monkeypatch.setattr(model_source, "run_hub", lambda args, token: pytest.fail("a second lookup"))
+    monkeypatch.setattr(model_source, "_lookups", {})
+    monkeypatch.setattr(model_source, "_started", {})
+    for _host in range(3):  # every host's deploy starts it; the first start counts
+        model_source.start_resolve("http://hub", "r/m", "f.gguf", "main", None)
+    assert len(started) == 1 and not waited, "started, not waited for"
+    for _host in range(3):
+        assert model_source.resolve("http://hub", "r/m", "f.gguf", "main", None).sha256 == SHA
+    assert len(started) == 1 and len(waited) == 1
+
+
 def test_a_failed_lookup_is_not_repeated_either(monkeypatch):
     calls = []
     monkeypatch.setattr(model_source, "run_hub", lambda args, token: calls.append(1) or {"error": "down", "unreachable": True})

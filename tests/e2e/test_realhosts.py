@@ -21,7 +21,7 @@ from cryptography import x509
 
 from backchat import secrets, stack
 from tests.cfg import make_cfg
-from testbed.deploy_runner import PROJECT, run_deploy, write_inventory
+from testbed.deploy_runner import PROJECT, run_deploy, sandbox_data, write_inventory
 from testbed.hub import FakeHub
 from testbed.sandbox import GATEWAY
 from testbed.tiny_gguf import write_tiny_gguf
@@ -46,19 +46,7 @@ def hub(model_bytes, fleet):
 
 
 def deploy_data(hub, **overrides) -> list[str]:
-    data = {
-        "start": "false",
-        "docker_source": "debian",
-        "model_repo": REPO,
-        "model_file": MODEL,
-        "model_revision": "main",
-        "model_sha256": "null",
-        "hf_endpoint": hub.endpoint(GATEWAY),
-        "min_memory_mb": "0",
-        "public_address": "ai.lab.test",
-        **overrides,
-    }
-    return [f"{key}={value}" for key, value in data.items()]
+    return sandbox_data(hub.endpoint(GATEWAY), REPO, MODEL, **overrides)
 
 
 def snapshot(host, root="/opt/backchat") -> dict[str, str]:
@@ -170,17 +158,59 @@ def test_every_variant_is_accepted_by_docker_compose(first_run, fleet, backend, 
     assert done.stdout.strip() == "valid", done.stderr
 
 
+# Issue 18: a no-op re-run reads what it needs in a few commands (one per step's files,
+# `dpkg -l` once, nothing read again while executing). 8 today; 47 before.
+NOOP_COMMANDS_MAX = 20
+
+
 def test_second_run_changes_nothing(first_run, fleet, hub):
     inventory, _ = first_run
     trixie = fleet[1]
     before = snapshot(trixie)
     served_before = hub.bytes_served.get(MODEL, 0)
     trixie.run("rm -f /tmp/sha256-ran; true")
+    commands_before = trixie.remote_commands()
     run = run_deploy(inventory, *deploy_data(hub), limit="ai-trixie")
+    commands = trixie.remote_commands() - commands_before
     assert run.returncode == 0, run
     assert run.changed_ops() == [], run
     assert hub.bytes_served.get(MODEL, 0) == served_before, "the model was downloaded again"
     assert snapshot(trixie) == before, "a file changed on the second run"
+    assert commands <= NOOP_COMMANDS_MAX, f"a no-op run ran {commands} commands on the host (sshd's count)"
+
+
+def test_a_rerun_without_y_verifies_and_reports_without_asking(first_run, fleet, hub):
+    """The README's command (no -y) on an unchanged host: nothing to confirm, so it goes on
+    to verify and the report, with no terminal to answer a question (stdin closed). With a
+    change to make, it still asks, and without an answer changes nothing."""
+    inventory, _ = first_run
+    trixie = fleet[1]
+
+    def pyinfra_without_y():
+        return subprocess.run(
+            [sys.executable, "-m", "pyinfra", str(inventory), "deploy.py", "--limit", "ai-trixie",
+             *[arg for item in deploy_data(hub) for arg in ("--data", item)]],
+            cwd=PROJECT, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600,
+        )
+
+    done = pyinfra_without_y()
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "Press enter to execute" not in done.stderr, done.stderr[-4000:]
+    assert "Starting operation: Backchat | Verify /v1/models lists the model" in done.stderr, done.stderr[-4000:]
+    report = done.stderr.split("--> Backchat report:")[-1]
+    assert "--> Backchat report:" in done.stderr and "ai-trixie" in report, done.stderr[-4000:]
+    assert "installed, not started (start = False)" in report, report  # verify's own result here
+    total = re.search(r"Grand total\s+\d+\s+(\S+)", done.stderr)  # hosts, then successes (changes)
+    assert total and total.group(1) == "-", "a no-op run changed something"
+
+    trixie.run("rm /opt/backchat/docker-compose.yaml")
+    try:
+        asked = pyinfra_without_y()
+        assert "Press enter to execute" in asked.stderr, asked.stderr[-4000:]
+        assert "Beginning operation run" not in asked.stderr, "a change ran without being confirmed"
+        assert trixie.run("test -e /opt/backchat/docker-compose.yaml", check=False).returncode != 0
+    finally:
+        assert run_deploy(inventory, *deploy_data(hub), limit="ai-trixie").returncode == 0
 
 
 def test_fleet_in_parallel_and_a_dead_host_is_named(fleet, hub, tmp_path):

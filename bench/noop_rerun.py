@@ -1,0 +1,242 @@
+"""No-op re-run benchmark: run by hand as root, prints figures beside their goals (CI does not run it).
+
+    python bench/noop_rerun.py [--hosts 10] [--rounds 5]
+
+Sandbox hosts (testbed/sandbox.py: Debian 13 roots over SSH), ``start = False``,
+``docker_source = "debian"``, the model from a local Hub stand-in (testbed/hub.py). After a
+first apply, rounds alternate one host and all hosts (medians over the rounds): wall time,
+controller CPU, remote commands and bytes per host; then one profiled run says where the
+controller's CPU goes. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import os
+import pstats
+import resource
+import runpy
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT))
+
+from testbed.deploy_runner import run_deploy, sandbox_data, write_inventory  # noqa: E402
+
+REPO, MODEL = "bench/tiny-GGUF", "tiny.gguf"
+PROFILED = "--as-profiled-pyinfra"  # argv[1] of this script when it wraps a profiled pyinfra run
+
+# Issue 18's figures (the same hosts and settings, before): per host, one host alone and ten at once.
+BEFORE_CPU_PER_HOST = {1: 2.0, 10: 9.7 / 10}
+GOAL_COMMANDS = 20
+GOAL_RATIO = 1.5
+GOAL_ONE_HOST_SECONDS = 2.0
+
+
+def controller_cpu() -> float:
+    """CPU seconds (user + system) of every child process that has ended so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure(inventory: Path, hosts, data: list[str], env: dict) -> dict:
+    """One no-op run of the real CLI: its wall time, the controller's CPU and, per host,
+    the commands sshd started and the bytes on the host's link."""
+    commands = {host.name: host.remote_commands() for host in hosts}
+    link = {host.name: host.link_bytes() for host in hosts}
+    cpu = controller_cpu()
+    started = time.monotonic()
+    run = run_deploy(inventory, *data, env=env)
+    seconds = time.monotonic() - started
+    cpu = controller_cpu() - cpu
+    if run.returncode != 0:
+        raise SystemExit(f"the no-op run failed:\n{run}")
+    if run.changed_ops():
+        raise SystemExit(f"a no-op run changed {run.changed_ops()}:\n{run}")
+    per_host_commands = [host.remote_commands() - commands[host.name] for host in hosts]
+    per_host_bytes = [host.link_bytes() - link[host.name] for host in hosts]
+    return {
+        "seconds": seconds,
+        "cpu_per_host": cpu / len(hosts),
+        "commands": max(per_host_commands),
+        "bytes": statistics.mean(per_host_bytes),
+    }
+
+
+# --- where the controller's CPU goes ---------------------------------------------------
+
+AREAS = (
+    # (area, what a function's file path or a C function's name contains), first match wins
+    ("paramiko (SSH: crypto, packets, channels)", ("/paramiko/",)),
+    ("cryptography / hashes", ("/cryptography/", "_hashlib", "openssl", "_ssl.")),
+    ("gevent (scheduling, patched I/O)", ("/gevent/", "greenlet")),
+    ("pyinfra: operation order (stack inspection)", ("inspect.py", "/pyinfra/api/util.py")),
+    ("pyinfra: facts", ("/pyinfra/api/facts.py", "/pyinfra/facts/")),
+    ("pyinfra: operations", ("/pyinfra/api/operation", "/pyinfra/operations/")),
+    ("pyinfra: commands, connectors", ("/pyinfra/api/command.py", "/pyinfra/connectors/")),
+    ("pyinfra: other", ("/pyinfra/", "/pyinfra_cli/", "/click/")),
+    ("YAML", ("/yaml/",)),
+    ("Jinja templates", ("/jinja2/", "/markupsafe/", "<template>")),
+    ("backchat", ("/backchat/",)),
+    ("imports (finding, loading, compiling modules)", ("<frozen importlib", "<frozen zipimport", "marshal", "builtins.compile", "_imp.")),
+    ("logging", ("/logging/",)),
+)
+
+
+def area_of(func: tuple) -> str:
+    filename, _line, name = func
+    where = filename if filename != "~" else name
+    for area, needles in AREAS:
+        if any(needle in where for needle in needles):
+            return area
+    return "Python and C, other" if filename != "~" else "C functions, other"
+
+
+def cpu_by_area(profile_path: Path) -> list[tuple[str, float]]:
+    """Self CPU time per area. A C function's time goes to the area of the Python code that
+    called it (in proportion to each caller's share), so socket and hash calls count where
+    they are made."""
+    stats = pstats.Stats(str(profile_path)).stats  # func -> (cc, nc, tottime, cumtime, callers)
+    areas: dict[str, float] = defaultdict(float)
+    for func, (_cc, _nc, tottime, _cum, callers) in stats.items():
+        if func[0] == "~" and callers and area_of(func).startswith("C functions"):
+            for caller, (_c, _n, caller_tt, _ct) in callers.items():
+                share = tottime * caller_tt / (sum(c[2] for c in callers.values()) or 1)
+                areas[area_of(caller)] += share
+        else:
+            areas[area_of(func)] += tottime
+    return sorted(areas.items(), key=lambda item: -item[1])
+
+
+def run_profiled_pyinfra(out: str, argv: list[str]) -> None:
+    """This script as ``python bench/noop_rerun.py --as-profiled-pyinfra OUT -m pyinfra ARGS``:
+    pyinfra's CLI under cProfile counting CPU time (wall time would count waits on hosts)."""
+    if argv[:2] != ["-m", "pyinfra"]:
+        raise SystemExit("usage: noop_rerun.py --as-profiled-pyinfra OUT -m pyinfra ARGS")
+    sys.argv = ["pyinfra", *argv[2:]]
+    sys.path.insert(0, os.getcwd())  # as `python -m pyinfra` run from the project has it
+    profiler = cProfile.Profile(time.process_time)
+    profiler.enable()
+    try:
+        runpy.run_module("pyinfra", run_name="__main__", alter_sys=True)
+    finally:
+        profiler.disable()
+        profiler.dump_stats(out)
+
+
+# --- the benchmark -------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hosts", type=int, default=10, help="the fleet's size (default 10)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of (1 host, all hosts), interleaved")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        raise SystemExit("needs root (sandbox hosts: mounts, network namespaces)")
+
+    from testbed.hub import FakeHub
+    from testbed.sandbox import GATEWAY, sandbox_hosts
+    from testbed.tiny_gguf import write_tiny_gguf
+
+    workdir = Path(tempfile.mkdtemp(prefix="backchat-noop-", dir="/var/tmp"))
+    print(f"work directory: {workdir}", flush=True)
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HF_ENDPOINT")},
+        "HF_HOME": str(workdir / "hf"),
+        "XDG_CACHE_HOME": str(workdir / "xdg"),
+        "HOME": str(workdir),  # the API key and the CA are made once, here
+    }
+    names = [f"noop-{i + 1}" for i in range(args.hosts)]
+    # Hosts first: their bridge carries the gateway address the Hub stand-in binds to.
+    with sandbox_hosts(["trixie"] * args.hosts, names=names) as hosts, FakeHub(bind=GATEWAY) as hub:
+        hub.add_file(REPO, MODEL, write_tiny_gguf(workdir / MODEL).read_bytes())
+        data = sandbox_data(hub.endpoint(GATEWAY), REPO, MODEL)
+        fleets = {
+            1: (write_inventory(workdir / "one.py", {hosts[0].name: hosts[0].pyinfra_data()}), hosts[:1]),
+            len(hosts): (write_inventory(workdir / "all.py", {h.name: h.pyinfra_data() for h in hosts}), hosts),
+        }
+        all_inventory = fleets[len(hosts)][0]
+
+        print(f"first apply on {len(hosts)} hosts (Docker from Debian, the model, the files; not measured)", flush=True)
+        started = time.monotonic()
+        first = run_deploy(all_inventory, *data, env=env)
+        (workdir / "first-apply.log").write_text(first.stderr)
+        if first.returncode != 0:
+            raise SystemExit(f"the first apply failed:\n{first}")
+        print(f"  {time.monotonic() - started:.0f}s", flush=True)
+        measure(all_inventory, hosts, data, env)  # settles caches (page cache, pyc) on both sides
+
+        results: dict[int, list[dict]] = {size: [] for size in fleets}
+        for round_number in range(args.rounds):
+            order = sorted(fleets) if round_number % 2 == 0 else sorted(fleets, reverse=True)
+            for size in order:
+                inventory, members = fleets[size]
+                result = measure(inventory, members, data, env)
+                results[size].append(result)
+                print(
+                    f"  round {round_number + 1}, {size:>2} host(s): {result['seconds']:.2f}s, "
+                    f"CPU {result['cpu_per_host']:.2f}s/host, {result['commands']} commands/host, "
+                    f"{result['bytes'] / 1000:.0f} KB/host",
+                    flush=True,
+                )
+
+        profile_path = workdir / "noop.prof"
+        run = run_deploy(all_inventory, *data, env=env, python_args=(__file__, PROFILED, str(profile_path)))
+        if run.returncode != 0:
+            raise SystemExit(f"the profiled run failed:\n{run}")
+
+    def median(size: int, key: str) -> float:
+        return statistics.median(result[key] for result in results[size])
+
+    sizes = sorted(fleets)
+    print(f"\nmedians of {args.rounds} rounds (one host and {sizes[-1]} hosts interleaved):\n")
+    print("| hosts | no-op wall | controller CPU / host | remote commands / host | bytes / host |")
+    print("|---|---|---|---|---|")
+    for size in sizes:
+        print(
+            f"| {size} | {median(size, 'seconds'):.2f} s | {median(size, 'cpu_per_host'):.2f} s "
+            f"| {median(size, 'commands'):.0f} | {median(size, 'bytes') / 1000:.0f} KB |"
+        )
+
+    one, many = sizes[0], sizes[-1]
+    ratio = median(many, "seconds") / median(one, "seconds")
+    goals = [
+        (f"no-op wall, {many} hosts / 1 host", f"{ratio:.2f}", f"<= {GOAL_RATIO}", ratio <= GOAL_RATIO),
+        ("no-op wall, 1 host", f"{median(one, 'seconds'):.2f} s", f"<= {GOAL_ONE_HOST_SECONDS:.0f} s",
+         median(one, "seconds") <= GOAL_ONE_HOST_SECONDS),
+    ]
+    for size in sizes:
+        commands = median(size, "commands")
+        goals.append((f"remote commands / host, {size} host(s)", f"{commands:.0f}", f"<= {GOAL_COMMANDS}",
+                      commands <= GOAL_COMMANDS))
+    for size in sizes:
+        cpu, before = median(size, "cpu_per_host"), BEFORE_CPU_PER_HOST.get(size)
+        if before:
+            goals.append((f"controller CPU / host, {size} host(s)", f"{cpu:.2f} s",
+                          f"<= {before / 2:.2f} s (half of issue 18's {before:.2f} s)", cpu <= before / 2))
+    print("\n| goal | measured | wanted | met |\n|---|---|---|---|")
+    for label, value, wanted, met in goals:
+        print(f"| {label} | {value} | {wanted} | {'yes' if met else 'NO'} |")
+
+    areas = cpu_by_area(profile_path)
+    total = sum(seconds for _area, seconds in areas) or 1
+    print(f"\nwhere the controller's CPU goes ({sizes[-1]} hosts, one profiled run of the pyinfra process, "
+          f"{total:.2f} s; child processes not included):\n")
+    for area, seconds in areas:
+        if seconds / total >= 0.005:
+            print(f"  {seconds / total:6.1%}  {seconds:6.2f} s  {area}")
+    print(f"\n(logs and the profile: {workdir}; `python -m pstats {profile_path}` for the details)")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == PROFILED:
+        run_profiled_pyinfra(sys.argv[2], sys.argv[3:])
+    else:
+        main()

@@ -44,8 +44,10 @@ def backend_archive_problem(path: str) -> str | None:
     try:
         with tarfile.open(path) as archive:
             members = archive.getmembers()
-    except (tarfile.TarError, OSError) as error:
-        return f"is not a tar archive ({error})"
+    except tarfile.TarError:  # its message lists every compression tried: noise to a user
+        return "is not a tar archive (plain, gzip, bzip2 or xz)"
+    except OSError as error:
+        return f"cannot be read ({error.strerror})"
     for member in members:
         name = _inside(member.name)
         if name is None:

@@ -97,7 +97,7 @@ def write_certificate(cfg, seen: dict[str, dict]) -> list:
     """The front door's certificate and key (0600) in ``stack_dir/tls``: their operations."""
     certificate = tls.host_certificate(cfg, host.name, certificate_names(cfg))
     outcomes.record(host.name, trust=certificate.trust or "your certificate's issuer")
-    directory, (cert, key) = f"{cfg.stack_dir}/{tls.HOST_DIR}", certificate_paths(cfg)
+    directory, cert, key = certificate_paths(cfg)
     own_files.directory(name="Create the front door's certificate directory", path=directory,
                         seen=seen.get(directory), mode="0700")
     return [
@@ -108,9 +108,10 @@ def write_certificate(cfg, seen: dict[str, dict]) -> list:
     ]
 
 
-def certificate_paths(cfg) -> tuple[str, str]:
+def certificate_paths(cfg) -> tuple[str, str, str]:
+    """The front door's certificate directory, certificate and key on the host."""
     directory = f"{cfg.stack_dir}/{tls.HOST_DIR}"
-    return f"{directory}/{tls.CERT_FILE}", f"{directory}/{tls.KEY_FILE}"
+    return directory, f"{directory}/{tls.CERT_FILE}", f"{directory}/{tls.KEY_FILE}"
 
 
 def tune() -> dict:
@@ -122,7 +123,7 @@ def write_and_start(cfg, threads: int) -> None:
     rendered = rendered_files(cfg, threads)
     env = f"{cfg.stack_dir}/.env"
     door = addresses.behind_front_door(cfg)
-    tls_paths = [f"{cfg.stack_dir}/{tls.HOST_DIR}", *certificate_paths(cfg)] if door else []
+    tls_paths = certificate_paths(cfg) if door else ()
     # What is there now, in one command: each write below decides from it and reads nothing.
     seen = own_files.read([cfg.stack_dir, env, *rendered, *tls_paths])
     # No mode: a directory that already exists (maybe not ours) is never re-moded.

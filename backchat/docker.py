@@ -127,7 +127,7 @@ def install(cfg, os_info: dict) -> bool:
             outcomes.refuse_host(str(problem))
             return False
     wanted = packages_for(cfg.docker_source, os_info["id"])
-    # Read once (`dpkg -l` is most of a re-run's bytes): the apt operations below are
+    # Read once (it was read three times a run): the apt operations below are
     # queued only for what is missing or in the way, so they never read it again.
     installed = host.get_fact(DebPackages)
     sources_changed = False

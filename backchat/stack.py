@@ -112,7 +112,7 @@ def write_certificate(cfg, seen: dict[str, dict]) -> list:
     ``stack_dir/tls``: their operations."""
     certificate = tls.host_certificate(cfg, host.name, certificate_names(cfg))
     outcomes.record(host.name, trust=certificate.trust or "your certificate's issuer")
-    directory, (cert, key, key_map) = f"{cfg.stack_dir}/{tls.HOST_DIR}", certificate_paths(cfg)
+    directory, cert, key, key_map = certificate_paths(cfg)
     own_files.directory(name="Create the front door's certificate directory", path=directory,
                         seen=seen.get(directory), mode="0700")
     return [
@@ -124,10 +124,10 @@ def write_certificate(cfg, seen: dict[str, dict]) -> list:
                               lines=door_key_lines(cfg), seen=seen.get(key_map))] if cfg.api_key else [])
 
 
-def certificate_paths(cfg) -> tuple[str, str, str]:
-    """The front door's certificate, its key and the API key map."""
+def certificate_paths(cfg) -> tuple[str, str, str, str]:
+    """The front door's certificate directory, certificate, key and API key map on the host."""
     directory = f"{cfg.stack_dir}/{tls.HOST_DIR}"
-    return f"{directory}/{tls.CERT_FILE}", f"{directory}/{tls.KEY_FILE}", f"{directory}/{DOOR_KEY_MAP}"
+    return directory, f"{directory}/{tls.CERT_FILE}", f"{directory}/{tls.KEY_FILE}", f"{directory}/{DOOR_KEY_MAP}"
 
 
 def tune() -> dict:
@@ -139,7 +139,7 @@ def write_and_start(cfg, threads: int) -> None:
     rendered = rendered_files(cfg, threads)
     env = f"{cfg.stack_dir}/.env"
     door = addresses.behind_front_door(cfg)
-    tls_paths = [f"{cfg.stack_dir}/{tls.HOST_DIR}", *certificate_paths(cfg)] if door else []
+    tls_paths = certificate_paths(cfg) if door else ()
     # What is there now, in one command: each write below decides from it and reads nothing.
     seen = own_files.read([cfg.stack_dir, env, *rendered, *tls_paths])
     # No mode: a directory that already exists (maybe not ours) is never re-moded.

@@ -167,7 +167,7 @@ def remember_global_argument_types() -> None:
     """Read the type hints of pyinfra's global arguments once, not for every call.
 
     pyinfra (3.x, ``pyinfra/api/arguments.py``, ``all_global_arguments``) evaluates
-    ``typing.get_type_hints(AllArguments)`` (string annotations ``eval``ed, 40-odd of them)
+    ``typing.get_type_hints(AllArguments)`` (32 string annotations, each ``eval``ed)
     each time an operation or a fact pops its global arguments: after the stack inspection
     above, the largest share of pyinfra's own CPU per operation. The hints are fixed when
     pyinfra is imported. Belongs upstream (a cache on ``all_global_arguments``).

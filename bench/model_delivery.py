@@ -22,7 +22,7 @@ from pathlib import Path
 PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
 
-from testbed.deploy_runner import run_deploy, write_inventory  # noqa: E402
+from testbed.deploy_runner import run_deploy, sandbox_data, write_inventory  # noqa: E402
 from testbed.hub import FakeHub  # noqa: E402
 from testbed.sandbox import GATEWAY, sandbox_hosts  # noqa: E402
 
@@ -52,15 +52,11 @@ class Bench:
         self.runs = 0
 
     def deploy(self, hosts, model: str, models_dir: str, **overrides):
-        data = {
-            "start": "false", "docker_source": "debian", "model_repo": REPO, "model_file": model,
-            "model_revision": "main", "model_sha256": "null", "hf_endpoint": self.hub.endpoint(GATEWAY),
-            "min_memory_mb": "0", "public_address": "ai.lab.test", "models_dir": models_dir, **overrides,
-        }
+        data = sandbox_data(self.hub.endpoint(GATEWAY), REPO, model, models_dir=models_dir, **overrides)
         self.runs += 1
         inventory = write_inventory(self.workdir / f"inventory-{self.runs}.py", {h.name: h.pyinfra_data() for h in hosts})
         started = time.monotonic()
-        run = run_deploy(inventory, *(f"{k}={v}" for k, v in data.items()), env=self.env)
+        run = run_deploy(inventory, *data, env=self.env)
         seconds = time.monotonic() - started
         (self.workdir / f"run-{self.runs}.log").write_text(run.stderr)
         if run.returncode != 0:

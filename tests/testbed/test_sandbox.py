@@ -109,3 +109,28 @@ def test_apt_install_through_the_gateway_proxy(sandbox_factory) -> None:
     for host in sandbox_factory(SUITES):
         host.run("apt-get update -q && apt-get install -y -q --no-install-recommends hello")
         assert host.run("hello").stdout == "Hello, world!\n"
+
+
+def test_remote_commands_and_link_bytes_count_what_a_client_does(sandbox_factory) -> None:
+    """What bench/noop_rerun.py and the no-op test count: every command sshd starts, each
+    of them on one connection (pyinfra's way) or one per login; bytes both ways."""
+    [host] = sandbox_factory(["trixie"])
+    commands, link = host.remote_commands(), host.link_bytes()
+    for _ in range(3):
+        ssh(host, "true")
+    assert host.remote_commands() - commands == 3
+    assert host.link_bytes() - link > 3 * 1000, "three logins move a few KB"
+    # Three commands on one paramiko connection, as pyinfra runs them: three sessions.
+    import paramiko
+
+    client = paramiko.SSHClient()
+    client.set_missing_host_key_policy(paramiko.AutoAddPolicy())
+    client.connect(host.address, username="root", key_filename=host.key_path, allow_agent=False, look_for_keys=False)
+    try:
+        commands = host.remote_commands()
+        for _ in range(3):
+            _, out, _ = client.exec_command("true")
+            out.channel.recv_exit_status()
+    finally:
+        client.close()
+    assert host.remote_commands() - commands == 3

@@ -16,7 +16,7 @@ from __future__ import annotations
 from pyinfra import host, state
 from pyinfra.api import deploy
 
-from backchat import backstage, docker, model, model_change, preflight, report, stack, transport, verify
+from backchat import backstage, docker, model, model_change, phases, preflight, report, stack, transport, verify
 from backchat.run_settings import described_hosts, role, settings_for
 from backchat.settings import DEFAULTS
 
@@ -33,14 +33,19 @@ def deploy_backchat():
         os_info = preflight.check(cfg)  # unsupported hosts are refused, one by one
         if not os_info:
             return
-        if not docker.install(cfg, os_info):  # 1. Docker Engine + compose v2, repo key pinned
-            return
-        if not model.fetch(cfg):  # 2. the model: pinned, resumable, verified once
-            return
+        with phases.step("docker"):  # the report times each step on each host
+            if not docker.install(cfg, os_info):  # 1. Docker Engine + compose v2, repo key pinned
+                return
+        with phases.step("model"):
+            if not model.fetch(cfg):  # 2. the model: pinned, resumable, verified once
+                return
         threads = stack.thread_count(cfg, stack.tune())  # 3. threads = physical cores
         stack.write_and_start(cfg, threads)  # 4. compose file + model config, then up
     if this.writes_backstage:
         backstage.configure(cfg, described_hosts(state, host))  # 5. app-config.local.yaml, catalog
     if this.serves_ai:
-        verify.backends(name="Verify /v1/models lists the model", cfg=cfg)  # 6. each backend serves it
+        with phases.step("verify"):
+            verify.backends(name="Verify /v1/models lists the model", cfg=cfg)  # 6. each backend serves it
+        if verify.skipped_because(cfg):
+            phases.skip("verify", verify.skipped_because(cfg))
         model_change.remove_old(cfg)  # only once verify passed: the previous model, if the model changed

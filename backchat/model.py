@@ -10,7 +10,8 @@ Why not ``files.put`` for the controller push: it sha1-hashes the 4 GB on both s
 every run and starts over when interrupted. Why not ``files.rsync``: it needs rsync on the
 controller and on every host (neither is in a minimal Debian) and an OpenSSH login of its
 own, and its delta algorithm reads the whole file on both sides when the sizes differ.
-Appending the missing tail over the connection pyinfra already has (backchat.transport)
+Appending the missing tail over SSH (backchat.transport: the system's OpenSSH client,
+pinned to the host key pyinfra's connection accepted, else that connection itself)
 resumes exactly, reads only what it sends, and lets the host's sha256 check catch a bad
 prefix (then it starts over once).
 """
@@ -38,7 +39,6 @@ from backchat.model_source import (
 )
 
 NEED_BYTES = 100  # fetch-model.sh with URL "-": the .part needs bytes from the controller
-PUSH_CHUNK = 1024 * 1024
 
 
 def marker_path(cfg) -> str:
@@ -239,6 +239,16 @@ def _push_and_install(state, host, script: str, source: Source, dest: str, marke
     def run_check():
         return transport.run_as_operation(host, check, print_output=True, _success_exit_codes=[0, NEED_BYTES])
 
+    # The OpenSSH connection for the bytes (backchat.transport) is made while the host checks.
+    connection = transport.open_stream(host)
+    try:
+        return _check_and_push(state, host, run_check, source, dest, connection)
+    finally:
+        if connection is not None:
+            connection.close()
+
+
+def _check_and_push(state, host, run_check, source: Source, dest: str, connection) -> bool:
     # First the host checks what it has (an existing file, a complete .part): maybe no bytes are needed.
     status, output = run_check()
     if not status:
@@ -253,12 +263,13 @@ def _push_and_install(state, host, script: str, source: Source, dest: str, marke
     for _attempt in (1, 2):  # a junk prefix gets one fresh start
         started = time.monotonic()
         try:
-            offset, sent = _append_missing_tail(state, host, copy["path"], f"{dest}.part", source.size)
+            offset, sent, way = _append_missing_tail(state, host, copy["path"], f"{dest}.part", source.size, connection)
+            connection = None  # used up: a second attempt connects again
         except (OSError, ValueError) as error:  # the .part keeps what arrived; the next run resumes
             return outcomes.fail(host, f"push of {dest} failed ({type(error).__name__}: {error}); the next run resumes")
         seconds = max(time.monotonic() - started, 1e-6)
         host.log_styled(
-            f"pushed {sent:,} bytes (resumed at {offset:,}) in {seconds:.1f}s, {sent / seconds / 1e6:.0f} MB/s"
+            f"pushed {sent:,} bytes (resumed at {offset:,}) in {seconds:.2f}s, {sent / seconds / 1e6:.0f} MB/s over {way}"
         )
         status, output = run_check()
         if status and not _needs_bytes(output):
@@ -280,21 +291,11 @@ _APPEND = (
 )
 
 
-def _append_missing_tail(state, host, local_path: str, part: str, size: int) -> tuple[int, int]:
-    """Append local_path[offset:] to the host's ``part``, offset being what it already holds."""
+def _append_missing_tail(state, host, local_path: str, part: str, size: int, connection=None) -> tuple[int, int, str]:
+    """Append local_path[offset:] to the host's ``part``, offset being what it already holds.
+    Returns (offset, bytes sent, the way they went: OpenSSH or paramiko)."""
     remote = StringCommand("sh", "-c", QuoteString(_APPEND), "append", QuoteString(part), str(size))
-
-    def tail(first_line: str):
-        offset = int(first_line or 0)
-        with open(local_path, "rb") as src:
-            src.seek(offset)
-            remaining = size - offset
-            while remaining > 0:
-                chunk = src.read(min(PUSH_CHUNK, remaining))
-                if not chunk:
-                    break
-                remaining -= len(chunk)
-                yield chunk
-
-    line, sent = transport.run_with_stdin(state, host, remote, tail, reads_first_line=True)
-    return int(line or 0), sent
+    line, sent, way = transport.stream_file(
+        state, host, remote, local_path, lambda first: int(first or 0), size, connection
+    )
+    return int(line or 0), sent, way

@@ -1,7 +1,9 @@
 """One line per host at the end of every run, and the same as JSON for scripts.
 
 pyinfra prints per-operation results; a user wants to know, per host, whether it works and
-where to point the browser. Hosts that failed anywhere are named with why.
+where to point the browser. Hosts that failed anywhere are named with why. A deploy adds
+how long each step took on each host (backchat.phases), as a second table and under
+``phases`` in the JSON.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 
 from pyinfra.api.state import BaseStateCallback, StateStage
 
+from backchat import phases
 from backchat.outcomes import planned_refusals, record, records
 
 _installed: dict = {}
@@ -44,6 +47,7 @@ def install(state, report_path: str | None, title: str = "report", columns: tupl
         return
     _installed.update(state="yes", path=report_path, title=title, columns=columns)
     state.add_callback_handler(_FailureCallbacks())
+    state.add_callback_handler(phases.Timer())
     atexit.register(_print_at_exit, state)
 
 
@@ -62,6 +66,9 @@ def rows(state) -> list[dict]:
         entry["result"] = bad if entry.get("failure") or entry.get("verify") == "fail" else (
             "ok" if entry.get("verify") == "pass" else entry.get("verify", "not verified")
         )
+        timing = phases.summary(state, host)
+        if timing:
+            entry["phases"] = timing
         result.append(entry)
     return result
 
@@ -109,6 +116,9 @@ def _print_at_exit(state) -> None:
     entries = rows(state)
     title, columns = _installed.get("title", "report"), _installed.get("columns", COLUMNS)
     print(f"\n--> Backchat {title}:\n" + format_table(entries, columns), file=sys.stderr)
+    timing = phases.format_table(entries)
+    if timing:
+        print(f"\n--> Backchat time per step (on the controller, while executing):\n{timing}", file=sys.stderr)
     path = _installed.get("path")
     if path:
         Path(path).write_text(json.dumps(entries, indent=2, sort_keys=True) + "\n")

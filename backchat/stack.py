@@ -13,7 +13,7 @@ from pyinfra import host
 from pyinfra.api import QuoteString, StringCommand, operation
 from pyinfra.operations import files, server
 
-from backchat import addresses, images, localai_backend, outcomes, own_files, resources, secrets, tls
+from backchat import addresses, images, localai_backend, outcomes, own_files, phases, resources, secrets, tls
 from backchat.facts import COMPOSE_PROJECT as PROJECT
 from backchat.facts import ComposeStack, DockerImageTags, PhysicalCores
 
@@ -153,20 +153,31 @@ def write_and_start(cfg, threads: int) -> None:
 
     if not cfg.start:
         host.noop("start = False: the stack is written but not started")
+        phases.skip("images", "start = False")
+        phases.skip("compose_up", "start = False")
         return
-    load_image_archives(cfg)
     # will_change costs no command here: the writes decide from what was read above.
     door_changed = any(write.will_change for write in door_writes)
-    compose_up(
-        name="Start the stack (docker compose up -d)",
-        project_dir=cfg.stack_dir,
-        services=addresses.compose_services(cfg),
-        files_changed=door_changed or backend_changed or any(write.will_change for write in writes.values()),
-        # LocalAI reads its model config and registers its backends at start, nginx its
-        # config and certificate; compose cannot see those files change.
-        restart=(["localai"] if changed(writes, f"{cfg.models_dir}/{cfg.model_id}.yaml") or backend_changed else [])
-        + (["frontdoor"] if door_changed or changed(writes, f"{cfg.stack_dir}/{FRONTDOOR_CONF}") else []),
-    )
+    files_changed = door_changed or backend_changed or any(write.will_change for write in writes.values())
+    with phases.step("images"):  # the report times each step on each host
+        load_image_archives(cfg)
+        pull_images(
+            name="Pull the images the stack lacks",
+            project_dir=cfg.stack_dir,
+            services=addresses.compose_services(cfg),
+            files_changed=files_changed,
+        )
+    with phases.step("compose_up"):
+        compose_up(
+            name="Start the stack (docker compose up -d)",
+            project_dir=cfg.stack_dir,
+            services=addresses.compose_services(cfg),
+            files_changed=files_changed,
+            # LocalAI reads its model config and registers its backends at start, nginx its
+            # config and certificate; compose cannot see those files change.
+            restart=(["localai"] if changed(writes, f"{cfg.models_dir}/{cfg.model_id}.yaml") or backend_changed else [])
+            + (["frontdoor"] if door_changed or changed(writes, f"{cfg.stack_dir}/{FRONTDOOR_CONF}") else []),
+        )
 
 
 def changed(writes: dict, path: str) -> bool:
@@ -213,12 +224,36 @@ def out_of_date(stack: dict | None, services: list[str]) -> list[str]:
     return stale
 
 
+def _compose(project_dir: str) -> list:
+    return ["docker", "compose", "--project-directory", QuoteString(project_dir), "-p", PROJECT]
+
+
+@operation(is_idempotent=False)
+def pull_images(project_dir: str, services: list[str], files_changed: bool = False):
+    """
+    Pull the images the stack needs and the host lacks, when the stack is to be (re)started.
+
+    + project_dir: directory holding docker-compose.yaml and .env
+    + services: the services that must be running
+    + files_changed: a compose input was rewritten in this run
+    """
+    stale = out_of_date(host.get_fact(ComposeStack, project_dir=project_dir, project=PROJECT), services)
+    if not stale and not files_changed:
+        host.noop("stack up to date: no image to pull")
+        return
+    # compose names the service, not the image, when a pull fails: say which image and why.
+    # A step of its own, so the report times pulling apart from starting.
+    yield StringCommand(
+        *_compose(project_dir), "config", "--images", "|", "sh", "-c", QuoteString(_IMAGES_PRESENT_OR_PULLED)
+    )
+
+
 @operation(is_idempotent=False)
 def compose_up(
     project_dir: str, services: list[str], files_changed: bool = False, restart: list[str] | None = None
 ):
     """
-    Bring the stack up (pulling only missing images), only when something differs.
+    Bring the stack up (its images are there: ``pull_images`` ran first), only when something differs.
 
     + project_dir: directory holding docker-compose.yaml and .env
     + services: the services that must be running
@@ -229,9 +264,7 @@ def compose_up(
     if not stale and not files_changed:
         host.noop(f"stack up to date: {', '.join(services)} running")
         return
-    base = ["docker", "compose", "--project-directory", QuoteString(project_dir), "-p", PROJECT]
-    # compose names the service, not the image, when a pull fails: say which image and why.
-    yield StringCommand(*base, "config", "--images", "|", "sh", "-c", QuoteString(_IMAGES_PRESENT_OR_PULLED))
+    base = _compose(project_dir)
     # --pull missing: images loaded from archives (air-gapped labs) are never pulled.
     yield StringCommand(*base, "up", "-d", "--pull", "missing", "--remove-orphans", "--wait", "--wait-timeout", "1800")
     if restart:

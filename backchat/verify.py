@@ -251,6 +251,15 @@ def _report_results(state, host, cfg, results: list[Result]) -> bool:
     return all(result.ok for result in results)
 
 
+def skipped_because(cfg) -> str | None:
+    """Why this host's settings leave verify out, or None when it runs."""
+    if not cfg.start:
+        return "start = False"
+    if cfg.verify_timeout == 0:
+        return "verify_timeout = 0"
+    return None
+
+
 @operation(is_idempotent=False)
 def backends(cfg):
     """
@@ -264,13 +273,14 @@ def backends(cfg):
         "model_id": cfg.model_id,
         "gui_url": gui_url(cfg, address),
     }
-    if not cfg.start or cfg.verify_timeout == 0:
+    why = skipped_because(cfg)
+    if why:
         outcomes.record(
             host.name,
             verify="installed, not started (start = False)" if not cfg.start else "not verified (verify_timeout = 0)",
             **entry,
         )
-        host.noop("verify skipped: " + ("start = False" if not cfg.start else "verify_timeout = 0"))
+        host.noop(f"verify skipped: {why}")
         return
     probe, address = probe_for(cfg, host)
     if not current_state.is_executing:

@@ -13,6 +13,7 @@ import argparse
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -87,10 +88,27 @@ def timed_on_host(host, command: str) -> float:
     return float(out.strip().splitlines()[-1])
 
 
+def timed_push(bench: Bench, host, name: str, env: dict | None = None) -> tuple[float, str]:
+    """A push of the whole file to ``host`` (none there before), as the deploy logs it."""
+    host.run("rm -rf /opt/m-controller")
+    saved = bench.env
+    bench.env = {**saved, **(env or {})}
+    try:
+        run, _seconds = bench.deploy([host], name, "/opt/m-controller", model_source="controller")
+    finally:
+        bench.env = saved
+    found = re.findall(r"pushed [\d,]+ bytes \(resumed at 0\) in ([\d.]+)s, \d+ MB/s over (\w+)", run.stderr)
+    if not found:
+        raise SystemExit(f"no push logged:\n{run.stderr[-3000:]}")
+    return float(found[0][0]), found[0][1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--big-mb", type=int, default=1024)
     parser.add_argument("--small-mb", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3, help="push / curl rounds for figure 3 (medians)")
+    parser.add_argument("--push-only", action="store_true", help="one host, only the controller push vs curl")
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root (sandbox hosts: mounts, network namespaces)")
@@ -108,7 +126,8 @@ def main() -> None:
         print(f"  {label}: {value}", flush=True)
 
     # Hosts first: their bridge carries the gateway address the servers bind to.
-    with sandbox_hosts(["trixie"] * 3, names=["bench-1", "bench-2", "bench-3"]) as hosts, FakeHub(
+    count = 1 if args.push_only else 3
+    with sandbox_hosts(["trixie"] * count, names=["bench-1", "bench-2", "bench-3"][:count]) as hosts, FakeHub(
         bind=GATEWAY
     ) as hub, FakeHub(bind=GATEWAY) as mirror:
         for name, path in ((small_name, small), (big_name, big)):
@@ -116,80 +135,98 @@ def main() -> None:
         mirror.add_file(REPO, big_name, big)
         bench = Bench(hosts, hub, mirror, workdir)
 
-        print("warm-up: Docker and the stack on 3 hosts (hub, small file; not measured)", flush=True)
+        print(f"warm-up: Docker and the stack on {count} host(s) (hub, small file; not measured)", flush=True)
         bench.deploy(hosts, small_name, "/opt/backchat/models")
 
-        print(f"\n1. fleet of 3, {args.big_mb} MiB, bytes served by upstream for the whole run", flush=True)
-        before = hub.bytes_served.get(big_name, 0)
-        run, seconds = bench.deploy(hosts, big_name, "/opt/m-controller", model_source="controller")
-        upstream = hub.bytes_served.get(big_name, 0) - before
-        say("controller: upstream bytes / model size", f"{upstream / size[big_name]:.2f} ({upstream:,} bytes), run {seconds:.1f}s")
-        pushes = [float(m) for m in re.findall(r"pushed [\d,]+ bytes \(resumed at 0\) in ([\d.]+)s", run.stderr)]
-        rate = [size[big_name] / s / 1e6 for s in pushes if s > 0]
-        if rate:
-            say("controller: push per host (3 in parallel)", ", ".join(f"{r:.0f} MB/s" for r in rate))
-
-        before, before_mirror = hub.bytes_served.get(big_name, 0), mirror.bytes_served.get(big_name, 0)
-        url = mirror.url(REPO, big_name, host=GATEWAY)
-        _, seconds = bench.deploy(hosts, big_name, "/opt/m-mirror", model_source="mirror", model_mirror_url=url)
-        upstream = hub.bytes_served.get(big_name, 0) - before
-        lan = mirror.bytes_served.get(big_name, 0) - before_mirror
-        say(
-            "mirror: upstream bytes / model size",
-            f"{upstream / size[big_name]:.2f} ({upstream:,} bytes; the mirror was filled once beforehand = 1.00), "
-            f"mirror served {lan / size[big_name]:.2f} x, run {seconds:.1f}s",
-        )
-
-        print("\n2. no-op re-run on a host holding the model (hub source; same settings as its last run)", flush=True)
-        # Each host keeps its own settings (models_dir and model_file appear in the compose
-        # file, so switching them is not a no-op): hosts[0] holds the small file since the
-        # warm-up, hosts[1] gets the big one now (that download is figure 3's).
-        small_host, big_host = hosts[0], hosts[1]
-        download_run, download_seconds = bench.deploy([big_host], big_name, "/opt/m-hub")
-        noop = {}
-        for name, host, models_dir in (
-            (small_name, small_host, "/opt/backchat/models"),
-            (big_name, big_host, "/opt/m-hub"),
-        ):
-            times, model_opens = [], 0
-            bench.deploy([host], name, models_dir)  # settle: earlier runs left other settings
-            for _ in range(3):
-                (run, seconds), opened = traced_openat(host, lambda: bench.deploy([host], name, models_dir))
-                assert run.changed_ops() == [], f"a no-op run changed {run.changed_ops()}"
-                times.append(seconds)
-                model_opens += opened.count(f'"{models_dir}/{name}"')
-            noop[name] = min(times)
-            say(
-                f"no-op, {size[name] // MB} MiB model",
-                f"{noop[name]:.2f}s (best of 3; {', '.join(f'{t:.2f}' for t in times)}), "
-                f"openat of the model on the host in 3 runs: {model_opens}",
-            )
-        say("no-op time ratio big/small", f"{noop[big_name] / noop[small_name]:.2f}")
-
-        print("\n3. transfer throughput vs plain curl on the same link (one host)", flush=True)
         mb = size[big_name] / 1e6
-        delivery = download_seconds - noop[big_name]
-        url = hub.url(REPO, big_name, host=GATEWAY)
-        curl = timed_on_host(big_host, f"curl -fsSL -o /var/tmp/plain {url}")
-        curl_sha = timed_on_host(big_host, f"curl -fsSL -o /var/tmp/plain {url} && sha256sum /var/tmp/plain")
-        big_host.run("rm -f /var/tmp/plain")
-        say("hub: deploy download + verify (its run minus a no-op run)", f"{delivery:.2f}s, {mb / delivery:.0f} MB/s")
-        say("plain curl on the host", f"{curl:.2f}s, {mb / curl:.0f} MB/s")
-        say("plain curl + sha256sum on the host", f"{curl_sha:.2f}s, {mb / curl_sha:.0f} MB/s")
-        say("hub: ratio deploy / plain curl", f"{curl / delivery:.2f} (vs curl + sha256sum: {curl_sha / delivery:.2f})")
+        if args.push_only:
+            print("\n3. (--push-only) the controller push vs plain curl on the same link (one host)", flush=True)
+        else:
+            print(f"\n1. fleet of 3, {args.big_mb} MiB, bytes served by upstream for the whole run", flush=True)
+            before = hub.bytes_served.get(big_name, 0)
+            run, seconds = bench.deploy(hosts, big_name, "/opt/m-controller", model_source="controller")
+            upstream = hub.bytes_served.get(big_name, 0) - before
+            say("controller: upstream bytes / model size", f"{upstream / size[big_name]:.2f} ({upstream:,} bytes), run {seconds:.1f}s")
+            pushes = [float(m) for m in re.findall(r"pushed [\d,]+ bytes \(resumed at 0\) in ([\d.]+)s", run.stderr)]
+            rate = [size[big_name] / s / 1e6 for s in pushes if s > 0]
+            if rate:
+                say("controller: push per host (3 in parallel)", ", ".join(f"{r:.0f} MB/s" for r in rate))
 
-        host = hosts[2]
-        host.run("rm -rf /opt/m-controller")
-        run, seconds = bench.deploy([host], big_name, "/opt/m-controller", model_source="controller")
-        pushed = re.findall(r"pushed [\d,]+ bytes \(resumed at 0\) in ([\d.]+)s", run.stderr)
-        push_seconds = float(pushed[0]) if pushed else float("nan")
-        _, noop_seconds = bench.deploy([host], big_name, "/opt/m-controller", model_source="controller")
+            before, before_mirror = hub.bytes_served.get(big_name, 0), mirror.bytes_served.get(big_name, 0)
+            url = mirror.url(REPO, big_name, host=GATEWAY)
+            _, seconds = bench.deploy(hosts, big_name, "/opt/m-mirror", model_source="mirror", model_mirror_url=url)
+            upstream = hub.bytes_served.get(big_name, 0) - before
+            lan = mirror.bytes_served.get(big_name, 0) - before_mirror
+            say(
+                "mirror: upstream bytes / model size",
+                f"{upstream / size[big_name]:.2f} ({upstream:,} bytes; the mirror was filled once beforehand = 1.00), "
+                f"mirror served {lan / size[big_name]:.2f} x, run {seconds:.1f}s",
+            )
+
+            print("\n2. no-op re-run on a host holding the model (hub source; same settings as its last run)", flush=True)
+            # Each host keeps its own settings (models_dir and model_file appear in the compose
+            # file, so switching them is not a no-op): hosts[0] holds the small file since the
+            # warm-up, hosts[1] gets the big one now (that download is figure 3's).
+            small_host, big_host = hosts[0], hosts[1]
+            download_run, download_seconds = bench.deploy([big_host], big_name, "/opt/m-hub")
+            noop = {}
+            for name, host, models_dir in (
+                (small_name, small_host, "/opt/backchat/models"),
+                (big_name, big_host, "/opt/m-hub"),
+            ):
+                times, model_opens = [], 0
+                bench.deploy([host], name, models_dir)  # settle: earlier runs left other settings
+                for _ in range(3):
+                    (run, seconds), opened = traced_openat(host, lambda: bench.deploy([host], name, models_dir))
+                    assert run.changed_ops() == [], f"a no-op run changed {run.changed_ops()}"
+                    times.append(seconds)
+                    model_opens += opened.count(f'"{models_dir}/{name}"')
+                noop[name] = min(times)
+                say(
+                    f"no-op, {size[name] // MB} MiB model",
+                    f"{noop[name]:.2f}s (best of 3; {', '.join(f'{t:.2f}' for t in times)}), "
+                    f"openat of the model on the host in 3 runs: {model_opens}",
+                )
+            say("no-op time ratio big/small", f"{noop[big_name] / noop[small_name]:.2f}")
+
+            print("\n3. transfer throughput vs plain curl on the same link (one host)", flush=True)
+            delivery = download_seconds - noop[big_name]
+            url = hub.url(REPO, big_name, host=GATEWAY)
+            curl = timed_on_host(big_host, f"curl -fsSL -o /var/tmp/plain {url}")
+            curl_sha = timed_on_host(big_host, f"curl -fsSL -o /var/tmp/plain {url} && sha256sum /var/tmp/plain")
+            big_host.run("rm -f /var/tmp/plain")
+            say("hub: deploy download + verify (its run minus a no-op run)", f"{delivery:.2f}s, {mb / delivery:.0f} MB/s")
+            say("plain curl on the host", f"{curl:.2f}s, {mb / curl:.0f} MB/s")
+            say("plain curl + sha256sum on the host", f"{curl_sha:.2f}s, {mb / curl_sha:.0f} MB/s")
+            say("hub: ratio deploy / plain curl", f"{curl / delivery:.2f} (vs curl + sha256sum: {curl_sha / delivery:.2f})")
+
+        # Push and curl take turns (the machine's other load shifts within seconds); medians.
+        host = hosts[-1]
         cdn = mirror.url(REPO, big_name, host=GATEWAY)
-        curl = timed_on_host(host, f"curl -fsSL -o /var/tmp/plain {cdn}")
-        host.run("rm -f /var/tmp/plain")
-        say("controller: push alone (one host)", f"{push_seconds:.2f}s, {mb / push_seconds:.0f} MB/s")
-        say("controller: push + host sha256 (its run minus a no-op run)", f"{seconds - noop_seconds:.2f}s, {mb / (seconds - noop_seconds):.0f} MB/s")
-        say("controller: ratio push / plain curl from the controller", f"{curl / push_seconds:.2f} (curl {curl:.2f}s)")
+        pushes, curls, ways, paramiko_pushes = [], [], set(), []
+        for _ in range(args.rounds):
+            curls.append(timed_on_host(host, f"curl -fsSL -o /var/tmp/plain {cdn}"))
+            host.run("rm -f /var/tmp/plain")
+            seconds, way = timed_push(bench, host, big_name)
+            pushes.append(seconds)
+            ways.add(way)
+        seconds, _way = timed_push(bench, host, big_name, {"BACKCHAT_SSH": "none"})
+        paramiko_pushes.append(seconds)
+        _, noop_seconds = bench.deploy([host], big_name, "/opt/m-controller", model_source="controller")
+        host.run("rm -rf /opt/m-controller")
+        run, whole = bench.deploy([host], big_name, "/opt/m-controller", model_source="controller")
+        push, curl = statistics.median(pushes), statistics.median(curls)
+        say(
+            f"controller: push alone (one host, over {', '.join(sorted(ways))}; median of {args.rounds})",
+            f"{push:.2f}s, {mb / push:.0f} MB/s ({', '.join(f'{t:.2f}' for t in pushes)})",
+        )
+        say("controller: the same push over paramiko (BACKCHAT_SSH=none)", f"{paramiko_pushes[0]:.2f}s, {mb / paramiko_pushes[0]:.0f} MB/s")
+        say("controller: push + host sha256 (its run minus a no-op run)", f"{whole - noop_seconds:.2f}s, {mb / (whole - noop_seconds):.0f} MB/s")
+        say(
+            f"plain curl from the controller's server to the host (median of {args.rounds})",
+            f"{curl:.2f}s, {mb / curl:.0f} MB/s ({', '.join(f'{t:.2f}' for t in curls)})",
+        )
+        say("controller: ratio push / plain curl from the controller", f"{curl / push:.2f} (goal >= 0.8)")
 
     print("\nfigures:")
     for label, value in figures:

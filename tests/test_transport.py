@@ -1,7 +1,19 @@
-"""transport's fixes of pyinfra behaviour, against pyinfra's own code where they replace it."""
+"""transport: its fixes of pyinfra's behaviour (checked against pyinfra's own code where
+they replace it), and the OpenSSH command line the model push streams through.
 
+The push must reach the host pyinfra's own connection reaches, trust only the host key that
+connection accepted, never prompt, and hold no command (a command may carry a sudo
+password; any local user can read a process's argv).
+"""
+
+import os
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
 from types import SimpleNamespace
 
+import paramiko
 import pyinfra
 import pytest
 from pyinfra.api import util as pyinfra_util
@@ -50,3 +62,124 @@ def test_global_argument_types_are_pyinfras_own(monkeypatch):
     # Callers get their own list, as from pyinfra's.
     arguments.all_global_arguments().clear()
     assert arguments.all_global_arguments() == original()
+
+
+class FakeTransport:
+    def __init__(self, key):
+        self.key, self.host_key_type = key, key.get_name()
+
+    def is_active(self):
+        return True
+
+    def get_remote_server_key(self):
+        return self.key
+
+    def get_username(self):
+        return "deployer"
+
+
+def fake_host(key=None, **data):
+    key = key or paramiko.Ed25519Key.from_private_key_file(_ed25519_key_file())
+    client = SimpleNamespace(get_transport=lambda: FakeTransport(key))
+    defaults = {"ssh_hostname": "10.0.0.5", "ssh_port": 2222, "ssh_key": "~/.ssh/lab", "ssh_allow_agent": True}
+    connector = SimpleNamespace(client=client, data={**defaults, **data})
+    host = SimpleNamespace(name="ai-01", connector=connector, state=SimpleNamespace(config=SimpleNamespace(CONNECT_TIMEOUT=7)))
+    return host, client, key
+
+
+_KEY_DIR: list[Path] = []
+
+
+def _ed25519_key_file() -> str:
+    """A throw-away ed25519 key pair (paramiko cannot generate ed25519 itself)."""
+    if not _KEY_DIR:
+        _KEY_DIR.append(Path(tempfile.mkdtemp(prefix="backchat-test-key-")))
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(_KEY_DIR[0] / "key")], check=True)
+    return str(_KEY_DIR[0] / "key")
+
+
+@pytest.fixture(autouse=True)
+def ssh_on_path(monkeypatch):
+    monkeypatch.delenv(transport.SSH_CLIENT_ENV, raising=False)
+    monkeypatch.setattr(transport.shutil, "which", lambda name: f"/usr/bin/{name}" if name == "ssh" else None)
+
+
+def options(argv: list[str]) -> dict[str, str]:
+    return dict(argv[i + 1].split("=", 1) for i, arg in enumerate(argv) if arg == "-o")
+
+
+def test_the_argv_reaches_the_same_host_pins_its_key_and_holds_no_command(tmp_path):
+    host, client, key = fake_host()
+    known = tmp_path / "known_hosts"
+    argv = transport.openssh_argv(host, client, str(known))
+    assert argv[0] == "/usr/bin/ssh"
+    assert argv[-3:] == ["--", "10.0.0.5", transport._REMOTE]
+    assert argv[argv.index("-l") + 1] == "deployer" and argv[argv.index("-p") + 1] == "2222"
+    assert argv[argv.index("-i") + 1] == str(Path("~/.ssh/lab").expanduser())
+    opts = options(argv)
+    assert opts["BatchMode"] == "yes" and opts["StrictHostKeyChecking"] == "yes"
+    assert opts["UserKnownHostsFile"] == str(known) and opts["GlobalKnownHostsFile"] == "/dev/null"
+    assert opts["HostKeyAlgorithms"] == "ssh-ed25519" and opts["IdentitiesOnly"] == "yes"
+    assert opts["ControlPath"] == "none" and opts["RemoteCommand"] == "none" and opts["ConnectTimeout"] == "7"
+    assert opts["Ciphers"].startswith("aes128-gcm@openssh.com,") and "sntrup" not in opts["KexAlgorithms"]
+    # Only the key paramiko accepted, under an alias that no real known_hosts entry has.
+    assert known.read_text() == f"{opts['HostKeyAlias']} ssh-ed25519 {key.get_base64()}\n"
+    # The command (its sudo password, its paths) is never in the argv: it goes on stdin.
+    assert transport._REMOTE == (
+        "exec sh -c 'echo backchat-stream-ready; IFS= read -r command && eval \"$command\"'"
+    )
+
+
+def test_without_a_key_the_agent_setting_is_kept(tmp_path):
+    host, client, _ = fake_host(ssh_key=None, ssh_allow_agent=False, ssh_port=None, ssh_config_file="~/lab.conf")
+    argv = transport.openssh_argv(host, client, str(tmp_path / "k"))
+    assert "-i" not in argv and "-p" not in argv and options(argv)["IdentityAgent"] == "none"
+    assert argv[argv.index("-F") + 1] == str(Path("~/lab.conf").expanduser())
+
+
+@pytest.mark.parametrize(
+    "data, env",
+    [
+        ({"ssh_password": "hunter2"}, None),  # BatchMode cannot type a password: paramiko
+        ({"ssh_key_password": "hunter2"}, None),  # nor a key's passphrase
+        ({}, "none"),  # BACKCHAT_SSH=none: paramiko only
+    ],
+)
+def test_paramiko_when_ssh_cannot_or_must_not(tmp_path, monkeypatch, data, env):
+    if env:
+        monkeypatch.setenv(transport.SSH_CLIENT_ENV, env)
+    host, client, _ = fake_host(**data)
+    assert transport.openssh_argv(host, client, str(tmp_path / "k")) is None
+    assert not (tmp_path / "k").exists()
+
+
+def test_no_client_installed_means_paramiko(tmp_path, monkeypatch):
+    monkeypatch.setattr(transport.shutil, "which", lambda name: None)
+    host, client, _ = fake_host()
+    assert transport.openssh_argv(host, client, str(tmp_path / "k")) is None
+
+
+def test_a_host_certificate_means_paramiko(tmp_path):
+    cert = SimpleNamespace(get_name=lambda: "ssh-ed25519-cert-v01@openssh.com", get_base64=lambda: "AAAA")
+    host, client, _ = fake_host(key=cert)
+    assert transport.openssh_argv(host, client, str(tmp_path / "k")) is None
+
+
+def test_the_file_goes_through_the_pipe_from_the_offset(tmp_path):
+    source = tmp_path / "model"
+    source.write_bytes(bytes(range(256)) * 4096)  # 1 MiB
+    read_end, write_end = os.pipe()
+    received = bytearray()
+    reader = threading.Thread(target=lambda: received.extend(iter_read(read_end)))
+    reader.start()
+    sent = transport._send_range(str(source), 1000, source.stat().st_size - 1000, write_end)
+    os.close(write_end)
+    reader.join()
+    assert sent == len(received) == source.stat().st_size - 1000
+    assert bytes(received) == source.read_bytes()[1000:]
+
+
+def iter_read(fd):
+    while chunk := os.read(fd, 65536):
+        yield from chunk
+    os.close(fd)

@@ -321,6 +321,8 @@ def test_controller_downloads_once_and_pushes_to_every_host(hosts, hub, controll
 
     assert again.returncode == 0 and again.changed_ops() == [], again
     assert served(hub, CONTROLLER_MODEL) == SIZE
+    # Through the system's OpenSSH client (this machine has one), once per host.
+    assert len(re.findall(rf"pushed {SIZE:,} bytes \(resumed at 0\) in [\d.]+s, \d+ MB/s over OpenSSH", run.stderr)) == 3, run
 
 
 def test_controller_push_resumes_and_does_not_rehash_its_copy(hosts, hub, tmp_path, controller_dirs, controller_runs):
@@ -392,3 +394,57 @@ def test_mirror_with_the_hub_down_needs_a_pinned_sha(hosts, hub, mirror, tmp_pat
     pinned = deploy([host], hub, tmp_path, model=MIRROR_MODEL, model_sha256=SHA[MIRROR_MODEL], **down)
     assert pinned.returncode == 0, pinned
     assert sha_on(host, MIRROR_MODEL) == SHA[MIRROR_MODEL]
+
+
+# --- the controller push: through OpenSSH, and over paramiko when it cannot ---------------
+
+
+def fake_ssh(tmp_path, body: str):
+    """A client named by BACKCHAT_SSH: logs its argv (one word a line), then ``body``."""
+    log = tmp_path / "ssh-argv.log"
+    script = tmp_path / "ssh"
+    script.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" >>{log}\necho ---- >>{log}\n{body}\n')
+    script.chmod(0o755)
+    return script, log
+
+
+def test_controller_push_streams_through_openssh_with_no_command_in_its_argv(
+    hosts, hub, tmp_path, controller_dirs, controller_runs
+):
+    host = hosts[0]
+    path = f"{MODELS}/{CONTROLLER_MODEL}"
+    half = SIZE // 2
+    host.run(f"mv {path} {path}.part && truncate -s {half} {path}.part && rm {MODELS}/.{CONTROLLER_MODEL}.verified")
+    client, log = fake_ssh(tmp_path, 'exec ssh "$@"')
+    env = {**controller_dirs, "BACKCHAT_SSH": str(client)}
+    run = deploy([host], hub, tmp_path, model=CONTROLLER_MODEL, model_source="controller", env_extra=env)
+    assert run.returncode == 0, run
+    assert f"pushed {SIZE - half:,} bytes (resumed at {half:,})" in run.stderr and "over OpenSSH" in run.stderr, run
+    assert sha_on(host, CONTROLLER_MODEL) == SHA[CONTROLLER_MODEL]
+    (argv,) = [call.splitlines() for call in log.read_text().split("----\n") if call.strip()]
+    assert argv[-2:] == [host.address, "exec sh -c 'echo backchat-stream-ready; IFS= read -r command && eval \"$command\"'"]
+    assert not [word for word in argv if "cat >>" in word or MODELS in word], argv  # the command went on stdin
+    assert "StrictHostKeyChecking=yes" in argv and "BatchMode=yes" in argv, argv
+
+
+def test_controller_push_goes_over_paramiko_when_openssh_cannot_connect(
+    hosts, hub, tmp_path, controller_dirs, controller_runs
+):
+    host = hosts[0]
+    forget(host, CONTROLLER_MODEL)
+    # As ssh says when the host's key is not the one pinned, or the key is refused.
+    client, log = fake_ssh(tmp_path, 'echo "Host key verification failed." >&2; exit 255')
+    env = {**controller_dirs, "BACKCHAT_SSH": str(client)}
+    run = deploy([host], hub, tmp_path, model=CONTROLLER_MODEL, model_source="controller", env_extra=env)
+    assert run.returncode == 0, run
+    assert "the system ssh client could not connect (exit 255: Host key verification failed.); pushing over paramiko" in run.stderr, run
+    assert f"pushed {SIZE:,} bytes (resumed at 0)" in run.stderr and "over paramiko" in run.stderr, run
+    assert sha_on(host, CONTROLLER_MODEL) == SHA[CONTROLLER_MODEL]
+    assert log.read_text().count("----") == 1
+
+    # BACKCHAT_SSH=none: paramiko without trying.
+    forget(host, CONTROLLER_MODEL)
+    env = {**controller_dirs, "BACKCHAT_SSH": "none"}
+    run = deploy([host], hub, tmp_path, model=CONTROLLER_MODEL, model_source="controller", env_extra=env)
+    assert run.returncode == 0 and "over paramiko" in run.stderr and "system ssh client" not in run.stderr, run
+    assert sha_on(host, CONTROLLER_MODEL) == SHA[CONTROLLER_MODEL]

@@ -66,13 +66,19 @@ def fleet(sandbox_factory):
 
 
 @pytest.fixture(scope="module")
-def first_run(fleet, hub, tmp_path_factory):
+def first_report(tmp_path_factory):
+    """Where the first run writes its JSON report."""
+    return tmp_path_factory.mktemp("report") / "first.json"
+
+
+@pytest.fixture(scope="module")
+def first_run(fleet, hub, tmp_path_factory, first_report):
     bookworm, trixie = fleet[:2]
     inventory = write_inventory(
         tmp_path_factory.mktemp("inv") / "inventory.py",
         {host.name: host.pyinfra_data() for host in (bookworm, trixie)},
     )
-    return inventory, run_deploy(inventory, *deploy_data(hub))
+    return inventory, run_deploy(inventory, *deploy_data(hub, report_path=first_report))
 
 
 def test_bookworm_with_debian_packages_is_refused_clearly(first_run, fleet):
@@ -136,6 +142,27 @@ def test_trixie_is_deployed_for_real(first_run, fleet, model_bytes, hub):
     assert trixie.run("cat /opt/backchat/tls/key.pem").stdout not in run.stdout + run.stderr
 
 
+def test_the_first_apply_reports_how_long_each_step_took(first_run, first_report):
+    _, run = first_run
+    entries = {entry["host"]: entry for entry in json.loads(first_report.read_text())}
+    assert "phases" not in entries["ai-bookworm"], "refused while planning: no step ran there"
+    steps = entries["ai-trixie"]["phases"]
+    # What a sandbox host can do with start = False: Docker's packages and the model, for real.
+    for name in ("docker", "model"):
+        assert steps[name]["result"] == "changed" and steps[name]["seconds"] > 0, steps
+    assert steps["docker"]["seconds"] > steps["model"]["seconds"], "apt installs Docker; the model is tiny"
+    for name in ("images", "compose_up", "verify"):
+        assert (steps[name]["result"], steps[name]["why"]) == ("skipped", "start = False"), steps
+        assert steps[name]["seconds"] < 0.5, steps
+    assert steps["total"]["seconds"] >= steps["docker"]["seconds"] + steps["model"]["seconds"] + steps["other"]["seconds"] - 0.2
+    # The same table at the end of what pyinfra prints.
+    table = run.stderr.split("--> Backchat time per step (on the controller, while executing):", 1)[1]
+    header, row = table.strip().splitlines()[:2]
+    assert header.split("  ")[0] == "host" and "Docker packages" in header and "compose up" in header, table
+    assert row.startswith("ai-trixie") and row.split()[1] == f"{steps['docker']['seconds']:.1f}s", table
+    assert "ai-trixie: skipped images, compose up, verify: start = False" in table
+
+
 def test_compose_file_accepted_by_docker_compose(first_run, fleet):
     trixie = fleet[1]
     done = trixie.run("cd /opt/backchat && docker compose config -q && echo valid", check=False)
@@ -163,17 +190,22 @@ def test_every_variant_is_accepted_by_docker_compose(first_run, fleet, backend, 
 NOOP_COMMANDS_MAX = 20
 
 
-def test_second_run_changes_nothing(first_run, fleet, hub):
+def test_second_run_changes_nothing(first_run, fleet, hub, tmp_path):
     inventory, _ = first_run
     trixie = fleet[1]
     before = snapshot(trixie)
     served_before = hub.bytes_served.get(MODEL, 0)
     trixie.run("rm -f /tmp/sha256-ran; true")
     commands_before = trixie.remote_commands()
-    run = run_deploy(inventory, *deploy_data(hub), limit="ai-trixie")
+    report = tmp_path / "again.json"
+    run = run_deploy(inventory, *deploy_data(hub, report_path=report), limit="ai-trixie")
     commands = trixie.remote_commands() - commands_before
     assert run.returncode == 0, run
     assert run.changed_ops() == [], run
+    (steps,) = [entry["phases"] for entry in json.loads(report.read_text()) if entry["host"] == "ai-trixie"]
+    assert {name: steps[name]["result"] for name in ("docker", "model", "images")} == {
+        "docker": "no-op", "model": "no-op", "images": "skipped"
+    }, steps
     assert hub.bytes_served.get(MODEL, 0) == served_before, "the model was downloaded again"
     assert snapshot(trixie) == before, "a file changed on the second run"
     assert commands <= NOOP_COMMANDS_MAX, f"a no-op run ran {commands} commands on the host (sshd's count)"

@@ -36,6 +36,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from backchat.phases import format_table as phase_table
 from testbed.deploy_runner import PROJECT, DeployRun, run_deploy, write_inventory
 from testbed import chatbot_ui_standin
 from testbed import vm as vmh
@@ -224,6 +225,9 @@ def deploy(
         debug_log.unlink()
     (e2e.workdir / f"deploy-{label}.log").write_text(f"{done.stderr}\n--- stdout:\n{done.stdout}")
     entries = json.loads(report.read_text()) if report.is_file() else []
+    table = phase_table(entries)
+    if table:  # what each step of this deploy took, from the JSON report
+        print(f"\n[vm-e2e] deploy {label}, time per step:\n{table}", flush=True)
     return Run(done, seconds, entries)
 
 
@@ -293,10 +297,15 @@ def test_first_deploy_installs_docker_and_stops_at_the_missing_image(e2e: E2E) -
     assert re.match(r"Docker Compose version v?2\.", e2e.vm.run("docker compose version").stdout)
     sha = e2e.vm.run(f"sha256sum /opt/backchat/models/{FILE}").stdout.split()[0]
     assert sha == e2e.model_sha256
-    # ... and the stack's start is what failed, because the llama.cpp service's image
-    # could not be pulled (this machine reaches no registry).
-    stack = op_output(run, "Start the stack (docker compose up -d)")
+    # ... and the stack's images are what failed: the llama.cpp service's image could not
+    # be pulled (this machine reaches no registry), so compose up never ran.
+    stack = op_output(run, "Pull the images the stack lacks")
     assert f"[{HOST_NAME}] Error" in stack, explain(run, e2e)
+    assert not op_output(run, "Start the stack (docker compose up -d)"), explain(run, e2e)
+    steps = run.report[0]["phases"]
+    assert [steps[name]["result"] for name in ("docker", "model", "images", "compose_up", "verify")] == [
+        "changed", "changed", "failed", "not run", "not run"
+    ], steps
     e2e.done.add("docker")
 
 
@@ -315,7 +324,7 @@ def test_failed_run_still_reports(e2e: E2E) -> None:
     assert "--> Backchat report:" in run.text, run.text[-4000:]
     rows = {entry["host"]: entry for entry in run.report}
     assert rows.get(HOST_NAME, {}).get("result") == "FAILED", run.report
-    assert "Start the stack" in rows[HOST_NAME].get("failure", ""), run.report
+    assert "Pull the images the stack lacks" in rows[HOST_NAME].get("failure", ""), run.report
 
 
 def test_deploy_brings_up_the_stack_and_it_answers(e2e: E2E) -> None:
@@ -327,6 +336,10 @@ def test_deploy_brings_up_the_stack_and_it_answers(e2e: E2E) -> None:
     # verify_chat: the report carries the model's real answer to the talk's question.
     (row,) = [entry for entry in run.report if entry["host"] == HOST_NAME]
     assert "Clinton" in row.get("detail", ""), f"report: {row}\n" + explain(run, e2e)
+    # The report times what this run did: load and pull, compose up, verify (printed above).
+    steps = row["phases"]
+    assert [steps[name]["result"] for name in ("images", "compose_up", "verify")] == ["changed", "changed", "checked"], steps
+    assert "--> Backchat time per step" in run.text, run.text[-4000:]
     loaded = [op for op in run.deploy.results["operations"] if op["name"].startswith(f"{DEPLOY_NAME} | Load ")]
     assert [op["success"] for op in loaded] == [[HOST_NAME]], run.deploy.results["operations"]
     tags = vm.run("docker image ls --format '{{.Repository}}:{{.Tag}}'").stdout.split()

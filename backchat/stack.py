@@ -58,6 +58,7 @@ def render(template: str, cfg, threads: int, **where) -> str:
         "tls_dir": tls.CONTAINER_DIR,
         "docker_dns": True,
         "pid_file": "/run/nginx.pid",
+        "written_to": f"{cfg.stack_dir}/{FRONTDOOR_CONF}",
     }
     return resources.render(template, cfg=cfg, threads=threads, **{**values, **where})
 

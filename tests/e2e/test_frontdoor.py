@@ -19,12 +19,8 @@ llama-server's ``X-Accel-Buffering: no`` ignored, as for a backend that does not
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import socket
 import ssl
-import subprocess
 import time
 from pathlib import Path
 
@@ -32,24 +28,16 @@ import httpx
 import pytest
 from cryptography import x509
 
-from backchat import stack, tls
 from backchat.verify import GUI_SYSTEM_PROMPT
 from tests.e2e.test_real_model import chatbot_ui_text, correct_client_text, sse_data
 from testbed import llama_server as ls
-from tests.cfg import make_cfg
+from testbed.frontdoor import FrontDoor
 
 pytestmark = pytest.mark.realhost
 
 KEY = "sk-frontdoor-test-0123456789"
 HOST = "ai-01.test"
-NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 QUESTION = "Who was the president of the United States in 1997?"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -61,62 +49,9 @@ def llama(smollm2):
         yield server
 
 
-class FrontDoor:
-    """nginx running backchat's frontdoor.conf for one llama.cpp backend."""
-
-    def __init__(self, workdir: Path, upstream: str, relay: bool = False, **conf_edits: str) -> None:
-        if not os.access(NGINX, os.X_OK):
-            if os.environ.get("BACKCHAT_REQUIRE_REALHOSTS") == "1":
-                pytest.fail("nginx is not installed (Debian package nginx)")
-            pytest.skip("nginx is not installed (Debian package nginx)")
-        self.port = _free_port()
-        ca_dir = workdir / "ca"
-        self.cfg = make_cfg(backend="llamacpp", tls=True, tls_ca_dir=str(ca_dir), localai_port=self.port,
-                            proxy_timeout=120, api_key=KEY)
-        certificate = tls.host_certificate(self.cfg, HOST, [HOST, "127.0.0.1"])
-        self.ca = str(ca_dir / "ca.crt")
-        self.trust = ssl.create_default_context(cafile=self.ca)
-        certs = workdir / "tls"
-        certs.mkdir(mode=0o700)
-        (certs / tls.CERT_FILE).write_text(certificate.cert_pem)
-        (certs / tls.KEY_FILE).write_text(certificate.key_pem.reveal())
-        (certs / tls.KEY_FILE).chmod(0o600)
-        doors = [{"service": "llamacpp", "port": self.port, "upstream": upstream}]
-        self.relay_port = _free_port()
-        conf = stack.render("frontdoor.conf.j2", self.cfg, 1, doors=doors, tls_dir=str(certs),
-                            docker_dns=False, pid_file=str(workdir / "nginx.pid"),
-                            relay={"port": self.relay_port, "upstream": upstream} if relay else None)
-        for old, new in conf_edits.items():
-            assert old in conf, old
-            conf = conf.replace(old, new)
-        self.conf = workdir / "nginx.conf"
-        self.conf.write_text(conf)
-        self.log = workdir / "nginx.log"
-        self.workdir = workdir
-        self.url = f"https://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> "FrontDoor":
-        check = subprocess.run([NGINX, "-t", "-p", str(self.workdir), "-c", str(self.conf)],
-                               capture_output=True, text=True)
-        assert check.returncode == 0, check.stderr
-        self.proc = subprocess.Popen([NGINX, "-p", str(self.workdir), "-c", str(self.conf), "-g", "daemon off;"],
-                                     stdout=self.log.open("w"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return self
-            time.sleep(0.1)
-        raise AssertionError(f"nginx did not listen: {self.log.read_text()}")
-
-    def __exit__(self, *exc) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=20)
-
-
 @pytest.fixture(scope="module")
 def door(llama, tmp_path_factory):
-    with FrontDoor(tmp_path_factory.mktemp("door"), f"127.0.0.1:{llama.port}") as running:
+    with FrontDoor(tmp_path_factory.mktemp("door"), f"127.0.0.1:{llama.port}", KEY, HOST) as running:
         yield running
 
 
@@ -178,7 +113,7 @@ def test_the_stream_check_fails_when_the_door_buffers(llama, tmp_path):
     say ``X-Accel-Buffering: no`` (llama-server does; LocalAI and Text Gen WebUI need not):
     the answer arrives at once."""
     buffering = {"proxy_buffering off;": "proxy_buffering on; proxy_ignore_headers X-Accel-Buffering;"}
-    with FrontDoor(tmp_path, f"127.0.0.1:{llama.port}", **buffering) as buffered:
+    with FrontDoor(tmp_path, f"127.0.0.1:{llama.port}", KEY, HOST, **buffering) as buffered:
         arrivals, raw, total = streamed(buffered)
     with pytest.raises(AssertionError):
         check_streams(arrivals, total)
@@ -193,7 +128,7 @@ def test_chatbot_ui_reads_no_null_through_the_relay(llama, tmp_path):
     _, raw_direct, _ = streamed_plain(llama.url)
     shown, state = chatbot_ui_text(sse_data(raw_direct))
     assert shown.startswith("null") and state == "closed", "the defect is real without the relay"
-    with FrontDoor(tmp_path, f"127.0.0.1:{llama.port}", relay=True) as door:
+    with FrontDoor(tmp_path, f"127.0.0.1:{llama.port}", KEY, HOST, relay=True) as door:
         arrivals, raw, total = streamed(door, f"http://127.0.0.1:{door.relay_port}")
     shown, state = chatbot_ui_text(sse_data(raw))
     assert not shown.startswith("null") and "Clinton" in shown and state == "closed", shown

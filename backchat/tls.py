@@ -167,6 +167,15 @@ def _needs_new(cert_path: Path, ca_cert, wanted: list[x509.GeneralName]) -> bool
     )
 
 
+def ca_certificate(cfg) -> str | None:
+    """Our CA's certificate (PEM), which a host's certificate is checked against; None with
+    your own certificates (their issuer is in the system's trust store, or should be)."""
+    if cfg.tls_cert_file:
+        return None
+    _, cert = certificate_authority(cfg.tls_ca_dir)
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
 def trust(cfg) -> str | bool:
     """What verify trusts for this host's HTTPS: our CA file, else the system's store."""
     if not behind_front_door(cfg):

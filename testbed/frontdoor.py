@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -139,21 +140,31 @@ def check_haproxy(conf: Path, env: dict[str, str]) -> subprocess.CompletedProces
 
 
 class HAProxy:
-    """Debian's HAProxy running a config file, with ``env`` as its environment."""
+    """Debian's HAProxy running a config file, with ``env`` as its environment.
+    ``master_worker``: as the official image runs it (``haproxy -W -db``), which reloads
+    its file on SIGUSR2 without dropping the connections under way."""
 
-    def __init__(self, conf: Path, env: dict[str, str], port: int) -> None:
+    def __init__(self, conf: Path, env: dict[str, str], port: int, master_worker: bool = False) -> None:
         require(HAPROXY, "haproxy")
         self.conf, self.env, self.port = conf, env, port
+        self.mode = ["-W"] if master_worker else []
         self.log = conf.with_suffix(".log")
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> "HAProxy":
         check = check_haproxy(self.conf, self.env)
         assert check.returncode == 0, check.stdout + check.stderr
-        self.proc = subprocess.Popen([HAPROXY, "-db", "-f", str(self.conf)], env=self.env,
+        self.proc = subprocess.Popen([HAPROXY, *self.mode, "-db", "-f", str(self.conf)], env=self.env,
                                      stdout=self.log.open("w"), stderr=subprocess.STDOUT)
         wait_listening(self.port, self.log, "haproxy")
         return self
+
+    def reload(self) -> None:
+        """What ``docker compose kill -s USR2 gateway`` does to the official image."""
+        assert self.mode == ["-W"] and self.proc is not None
+        check = check_haproxy(self.conf, self.env)
+        assert check.returncode == 0, check.stdout + check.stderr
+        self.proc.send_signal(signal.SIGUSR2)
 
     def __exit__(self, *exc) -> None:
         proc, self.proc = self.proc, None

@@ -102,36 +102,41 @@ class Gateway:
     """The gateway as the deploy writes it: HAProxy (haproxy.cfg), the relay (relay.conf)
     and the GUI behind them; ``edits`` mutate haproxy.cfg."""
 
-    def __init__(self, lab: list[LabHost], workdir: Path, **edits: str) -> None:
+    def __init__(self, lab: list[LabHost], workdir: Path, members: list[LabHost] | None = None,
+                 master_worker: bool = False, **edits: str) -> None:
         workdir.mkdir(parents=True, exist_ok=True)
-        ca_dir = Path(lab[0].door.cfg.tls_ca_dir)  # the lab's CA (backchat's, on the controller)
-        self.cfg = door_cfg(KEY, tls_ca_dir=str(ca_dir), gateway_port=free_port())
+        self.ca_dir = Path(lab[0].door.cfg.tls_ca_dir)  # the lab's CA (backchat's, on the controller)
+        self.cfg = door_cfg(KEY, tls_ca_dir=str(self.ca_dir), gateway_port=free_port())
         certificate = tls.host_certificate(self.cfg, "gateway.test", ["gateway.test", "127.0.0.1"])
-        pem = workdir / gateway.PEM_FILE
-        pem.write_text(certificate.cert_pem + certificate.key_pem.reveal())
-        pem.chmod(0o600)
-        # The pool as the deploy makes it (each host's public address and its door's port),
-        # reached on 127.0.0.1: the names are not in DNS here.
-        pool = gateway.members([(each.name, door_cfg(KEY, localai_port=each.door.port), each.name) for each in lab])
-        self.pool = [dataclasses.replace(member, address=f"127.0.0.1:{each.door.port}")
-                     for member, each in zip(pool, lab)]
+        self.pem = workdir / gateway.PEM_FILE
+        self.pem.write_text(certificate.cert_pem + certificate.key_pem.reveal())
+        self.pem.chmod(0o600)
         self.pool_port, self.gui_port, self.relay_port = free_port(), free_port(), free_port()
         self.socket = workdir / gateway.STATS_SOCKET
-        conf = gateway.render_config(
-            self.cfg, self.pool, door_bind=f"127.0.0.1:{self.cfg.gateway_port}", pool_bind=f"127.0.0.1:{self.pool_port}",
-            tls={"crt": str(pem)}, ca_file=str(ca_dir / "ca.crt"), gui_upstream=f"127.0.0.1:{self.gui_port}",
-            run_dir=str(workdir), check=CHECK)
+        self.workdir, self.edits = workdir, edits
         self.conf = workdir / gateway.CONFIG_FILE
-        self.conf.write_text(edited(conf, edits))
+        self.write_config(lab if members is None else members)
         relay = gateway.render_relay(self.cfg, docker_dns=False, pid_file=str(workdir / "nginx.pid"),
                                      relay={"port": self.relay_port, "upstream": f"127.0.0.1:{self.pool_port}"})
         self.relay_conf = workdir / gateway.RELAY_FILE
         self.relay_conf.write_text(relay)
-        self.workdir = workdir
         self.url = f"https://127.0.0.1:{self.cfg.gateway_port}"
-        self.trust = ssl.create_default_context(cafile=str(ca_dir / "ca.crt"))
-        self.haproxy = HAProxy(self.conf, {"PATH": os.environ["PATH"], "BACKCHAT_API_KEY": KEY}, self.cfg.gateway_port)
+        self.trust = ssl.create_default_context(cafile=str(self.ca_dir / "ca.crt"))
+        self.haproxy = HAProxy(self.conf, {"PATH": os.environ["PATH"], "BACKCHAT_API_KEY": KEY}, self.cfg.gateway_port,
+                               master_worker=master_worker)
         self.client = httpx.Client(verify=self.trust, timeout=120, headers={"Authorization": f"Bearer {KEY}"})
+
+    def write_config(self, members: list[LabHost]) -> None:
+        """haproxy.cfg over ``members``: the pool as the deploy makes it (each host's public
+        address and its door's port), reached on 127.0.0.1 (the names are not in DNS here)."""
+        pool = gateway.members([(each.name, door_cfg(KEY, localai_port=each.door.port), each.name) for each in members])
+        self.pool = [dataclasses.replace(member, address=f"127.0.0.1:{each.door.port}")
+                     for member, each in zip(pool, members)]
+        conf = gateway.render_config(
+            self.cfg, self.pool, door_bind=f"127.0.0.1:{self.cfg.gateway_port}", pool_bind=f"127.0.0.1:{self.pool_port}",
+            tls={"crt": str(self.pem)}, ca_file=str(self.ca_dir / "ca.crt"), gui_upstream=f"127.0.0.1:{self.gui_port}",
+            run_dir=str(self.workdir), check=CHECK)
+        self.conf.write_text(edited(conf, self.edits))
 
     def __enter__(self) -> "Gateway":
         self.haproxy.__enter__()
@@ -390,6 +395,56 @@ def test_the_relay_listens_where_the_compose_file_says():
     cfg = door_cfg(KEY)
     assert f"listen {RELAY_PORT};" in gateway.render_relay(cfg)
     assert f"OPENAI_API_HOST: \"http://relay:{RELAY_PORT}\"" in gateway.render_compose(cfg)
+
+
+def check_a_host_added_joins_and_answers_go_on(gw: Gateway, lab: list[LabHost], reload) -> None:
+    """``gw`` runs over the first two hosts; a re-run with the third host added rewrites
+    haproxy.cfg and ``reload()``s: the new host joins the rotation and serves, and an
+    answer streaming all along goes on after the new pool is in place."""
+    assert [each.host for each in gw.rotation()] == list(NAMES[:2])
+    body = {"model": "gpt-3.5-turbo", "stream": True, "max_tokens": 900, "ignore_eos": True,
+            "messages": [{"role": "user", "content": "Count to a thousand."}]}
+    arrivals: list[float] = []
+    reloaded: list[float] = []
+
+    def read_the_answer() -> None:  # as a browser does, all along, until it has seen enough
+        with gw.client.stream("POST", f"{gw.url}/v1/chat/completions", json=body) as under_way:
+            for _ in under_way.iter_raw():
+                arrivals.append(time.monotonic())
+                if reloaded and sum(when > reloaded[0] for when in arrivals) >= 10:
+                    return
+
+    with concurrent.futures.ThreadPoolExecutor(1) as reader:
+        done = reader.submit(read_the_answer)
+        wait_until(lambda: arrivals, 30, lambda: "no answer")
+        gw.write_config(lab)
+        reload()
+        wait_until(lambda: [each.host for each in gw.rotation() if each.in_rotation] == list(NAMES), 15, gw.summary)
+        reloaded.append(time.monotonic())
+        done.result(timeout=300)  # the answer went on after the reload (or this raises)
+    assert sum(when > reloaded[0] for when in arrivals) >= 10
+    mark = marker()
+    for n in range(9):
+        assert gw.client.get(f"{gw.url}/v1/models?{mark}-{n}").status_code == 200
+    assert NAMES[2] in served_by(lab, mark), "the host added serves nothing"
+
+
+def test_a_host_added_to_the_lab_joins_on_a_reload_and_answers_under_way_go_on(lab, tmp_path):
+    """The deploy reloads HAProxy (SIGUSR2 to the master of the official image, which runs
+    ``haproxy -W``) when its file changes."""
+    with Gateway(lab, tmp_path / "grow", members=lab[:2], master_worker=True) as gw:
+        check_a_host_added_joins_and_answers_go_on(gw, lab, gw.haproxy.reload)
+
+
+def test_a_restart_instead_of_a_reload_cuts_the_answer(lab, tmp_path):
+    """Mutation: what ``docker compose restart gateway`` would do."""
+    with Gateway(lab, tmp_path / "grow", members=lab[:2], master_worker=True) as gw:
+        def restart() -> None:
+            gw.haproxy.__exit__(None, None, None)
+            gw.haproxy.__enter__()
+
+        with pytest.raises(httpx.HTTPError):
+            check_a_host_added_joins_and_answers_go_on(gw, lab, restart)
 
 
 # --- mutations: each check fails against a gateway without what it checks ---------------------

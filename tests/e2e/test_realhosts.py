@@ -399,26 +399,48 @@ def test_one_backstage_host_describes_the_whole_lab(fleet, hub, tmp_path):
     assert again.returncode == 0, again
     assert again.changed_ops() == [], again.changed_ops()
 
+    status = run_deploy(inventory, *data, env=env, command="status.py", limit=door.name)
+    assert status.returncode != 0, status
+    table = status.stderr.split("--> Backchat status:")[-1]
+    assert f"{door.name}: unhealthy:" in table and "gateway, relay, chatbot-ui cannot be running" in table, table
+    assert "gateway gateway: connection refused" in table, table
+
+    gone = run_deploy(inventory, *data, env=env, command="uninstall.py", limit=door.name)
+    assert gone.returncode == 0, gone
+    assert door.run("test -e /opt/backchat/gateway", check=False).returncode != 0
+    assert run_deploy(inventory, *data, env=env, command="uninstall.py", limit=door.name).changed_ops() == []
+
 
 def test_a_gateway_host_gets_the_gateway_and_backstage_points_at_it(fleet, hub, tmp_path):
     """Issue 15: the ``gateway`` group's host gets the lab's gateway (its own compose
     project, HAProxy's config over every AI host, the relay, its certificate) and no stack;
-    each AI host's Backstage config points at the gateway. What HAProxy does with that file
-    is tests/e2e/test_gateway.py; here, the file the deploy wrote is accepted by HAProxy.
-    A re-run changes nothing."""
+    each AI host's Backstage config points at the gateway. An AI host added to the
+    inventory joins the pool on the next run. What HAProxy does with that file is
+    tests/e2e/test_gateway.py; here, the file the deploy wrote is accepted by HAProxy. A
+    re-run changes nothing; status.py names what is wrong on the gateway host (no Docker
+    daemon runs here); uninstall.py takes the gateway away."""
     ai_1, ai_2, door = fleet[1], fleet[2], fleet[3]
     key = "sk-gateway-lab-SECRET-0123456789"
     for host in (ai_1, ai_2, door):
         host.run("rm -rf /opt/backchat/backstage /opt/backchat/gateway")
-    inventory = write_inventory(
-        tmp_path / "inventory.py",
-        {host.name: {**host.pyinfra_data(), "public_address": f"{host.name}.lab.test"} for host in (ai_1, ai_2)},
-        gateway={door.name: {**door.pyinfra_data(), "public_address": "gw.lab.test"}},
-    )
+
+    def lab_of(*hosts):
+        return write_inventory(
+            tmp_path / "inventory.py",
+            {host.name: {**host.pyinfra_data(), "public_address": f"{host.name}.lab.test"} for host in hosts},
+            gateway={door.name: {**door.pyinfra_data(), "public_address": "gw.lab.test"}},
+        )
+
     data = [item for item in deploy_data(hub) if not item.startswith("public_address=")]
     env = {**os.environ, "BACKCHAT_API_KEY": key}
+    one = run_deploy(lab_of(ai_1), *data, env=env)
+    assert one.returncode == 0, one
+    config = door.run("cat /opt/backchat/gateway/haproxy.cfg").stdout
+    assert f"server {ai_1.name} " in config and f"server {ai_2.name} " not in config
+    inventory = lab_of(ai_1, ai_2)  # a host added to the lab
     run = run_deploy(inventory, *data, env=env)
     assert run.returncode == 0, run
+    assert run.changed_ops(door.name) == ["Backchat | Write gateway/haproxy.cfg"], run.changed_ops(door.name)
 
     directory = "/opt/backchat/gateway"
     listing = door.run(f"cd {directory} && stat -c '%n %a' haproxy.cfg relay.conf docker-compose.yaml .env "
@@ -465,3 +487,14 @@ def test_a_gateway_host_gets_the_gateway_and_backstage_points_at_it(fleet, hub, 
     again = run_deploy(inventory, *data, env=env)
     assert again.returncode == 0, again
     assert again.changed_ops() == [], again.changed_ops()
+
+    status = run_deploy(inventory, *data, env=env, command="status.py", limit=door.name)
+    assert status.returncode != 0, status
+    table = status.stderr.split("--> Backchat status:")[-1]
+    assert f"{door.name}: unhealthy:" in table and "gateway, relay, chatbot-ui cannot be running" in table, table
+    assert "gateway gateway: connection refused" in table, table
+
+    gone = run_deploy(inventory, *data, env=env, command="uninstall.py", limit=door.name)
+    assert gone.returncode == 0, gone
+    assert door.run("test -e /opt/backchat/gateway", check=False).returncode != 0
+    assert run_deploy(inventory, *data, env=env, command="uninstall.py", limit=door.name).changed_ops() == []

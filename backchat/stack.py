@@ -279,5 +279,8 @@ def compose_up(
     yield StringCommand(*base, "up", "-d", "--pull", "missing", "--remove-orphans", "--wait", "--wait-timeout", "1800")
     if restart:
         yield StringCommand(*base, "restart", *restart)
+    # A container `up` just created reads its files as it starts (and may not yet handle the
+    # signal, whose default is to end the process): only the ones it left running reload.
+    reload = [service for service in reload or [] if service not in stale]
     if reload:
         yield StringCommand(*base, "kill", "-s", "USR2", *reload)

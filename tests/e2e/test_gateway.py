@@ -36,8 +36,7 @@ import pytest
 
 from backchat import gateway, tls
 from backchat.addresses import RELAY_PORT
-from backchat.verify import GUI_SYSTEM_PROMPT
-from tests.e2e.test_frontdoor import answer, check_streams
+from tests.e2e.test_frontdoor import answer, check_streams, streamed
 from tests.e2e.test_real_model import chatbot_ui_text, sse_data
 from testbed import chatbot_ui_standin
 from testbed import llama_server as ls
@@ -54,7 +53,6 @@ NAMES = ("ai-01.test", "ai-02.test", "127.0.0.1")
 LLAMA_ARGS = ["--chat-template", "chatml", "--threads", "1", "--ctx-size", "2048", "--parallel", "2"]
 # The deploy's checks, faster (milliseconds): out after 2 failures, back after 2 passes.
 CHECK = {"inter": 1000, "fastinter": 200, "downinter": 500, "fall": 2, "rise": 2, "timeout": 2000}
-QUESTION = "Who was the president of the United States in 1997?"
 SHORT = {"model": "gpt-3.5-turbo", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]}
 
 
@@ -250,23 +248,8 @@ def check_refused_at_the_door(gw: Gateway, lab: list[LabHost]) -> None:
         assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key", refused.text
 
 
-def streamed(gw: Gateway, base_url: str) -> tuple[list[float], str, float]:
-    """A streamed chat completion at ``base_url``: when each piece arrived, the raw stream,
-    and how long it took."""
-    body = {"model": "gpt-3.5-turbo", "stream": True, "temperature": 0, "max_tokens": 48,
-            "messages": [{"role": "system", "content": GUI_SYSTEM_PROMPT}, {"role": "user", "content": QUESTION}]}
-    started = time.monotonic()
-    arrivals, raw = [], b""
-    with gw.client.stream("POST", f"{base_url}/v1/chat/completions", json=body) as response:
-        assert response.status_code == 200, response.read()
-        for piece in response.iter_raw():
-            arrivals.append(time.monotonic() - started)
-            raw += piece
-    return arrivals, raw.decode(), time.monotonic() - started
-
-
 def check_streaming(gw: Gateway) -> str:
-    arrivals, raw, total = streamed(gw, gw.url)
+    arrivals, raw, total = streamed(gw, gw.url, KEY)
     check_streams(arrivals, total)
     assert "Clinton" in answer(raw), raw
     return raw
@@ -369,7 +352,7 @@ def check_relay(gw: Gateway) -> None:
     """llama.cpp's first chunk says ``"content": null``; what Chatbot UI reads through the
     gateway's relay starts with the answer (test_frontdoor shows the defect without it),
     and it arrives event by event, not in batches."""
-    arrivals, raw, total = streamed(gw, f"http://127.0.0.1:{gw.relay_port}")
+    arrivals, raw, total = streamed(gw, f"http://127.0.0.1:{gw.relay_port}", KEY)
     events = sse_data(raw)
     shown, state = chatbot_ui_text(events)
     assert not shown.startswith("null") and "Clinton" in shown and state == "closed", shown

@@ -56,7 +56,9 @@ RETRIES = 2
 @dataclass(frozen=True)
 class Member:
     """An AI host in the pool: HAProxy's name for it, where the gateway reaches its API,
-    whether that is HTTPS (the host's front door), and the name its certificate must carry.
+    whether that is HTTPS (the host's front door), the name its certificate must carry, and
+    the controller's CA directory that signed it (None: your own certificate, checked
+    against the system's trust store).
 
     HAProxy matches a certificate's DNS names only, never its IP addresses, so a host
     whose public address is an IP has its certificate checked against the CA alone (our
@@ -67,6 +69,7 @@ class Member:
     address: str
     tls: bool
     verify_name: str | None
+    ca_dir: str | None = None
 
 
 def server_name(host_name: str) -> str:
@@ -86,8 +89,14 @@ def members(hosts) -> list[Member]:
         taken.add(server)
         door = addresses.behind_front_door(cfg)
         found.append(Member(name, server, f"{address}:{addresses.host_port(cfg, cfg.backend)}", door,
-                            address if door and not _is_ip(address) else None))
+                            address if door and not _is_ip(address) else None,
+                            cfg.tls_ca_dir if door and not cfg.tls_cert_file else None))
     return found
+
+
+def ca_dirs(pool: list[Member]) -> set[str]:
+    """The CA directories whose certificate the gateway checks hosts against (one, or none)."""
+    return {member.ca_dir for member in pool if member.tls and member.ca_dir}
 
 
 def _is_ip(address: str) -> bool:
@@ -115,7 +124,7 @@ def render_config(cfg, pool: list[Member], **where) -> str:
         "door_bind": f":{cfg.gateway_port}",
         "pool_bind": f":{POOL_PORT}",
         "tls": {"crt": f"{CONTAINER_TLS_DIR}/{PEM_FILE}"} if door else None,
-        "ca_file": f"{CONTAINER_TLS_DIR}/{CA_FILE}" if not cfg.tls_cert_file else "@system-ca",
+        "ca_file": f"{CONTAINER_TLS_DIR}/{CA_FILE}",
         "gui_upstream": addresses.internal_address("chatbot-ui"),
         "run_dir": CONTAINER_RUN_DIR,
         "check": CHECK,

@@ -165,6 +165,11 @@ def _gateway_problems(inventory, found: dict[str, Settings]) -> list[str]:
         problems.append(head + f"the gateway {door.name} checks its API key at the door and sends it to "
                         f"every AI host, and {', '.join(keyed)} expect another key (or the gateway has none). "
                         "Fix: one api_key_file (or $BACKCHAT_API_KEY) for the whole lab, and auth alike.")
+    signed = {found[each.name].tls_ca_dir for each in ai
+              if addresses.behind_front_door(found[each.name]) and not found[each.name].tls_cert_file}
+    if len(signed) > 1:
+        problems.append(head + f"the gateway checks the AI hosts' certificates against one CA, and their "
+                        f"tls_ca_dir differ ({', '.join(sorted(signed))}). Fix: one tls_ca_dir for the whole lab.")
     if role(inventory, door).serves_ai:
         taken = {addresses.host_port(cfg, service): service for service in addresses.published_services(cfg)}
         if cfg.gateway_port in taken:

@@ -184,9 +184,9 @@ def write_and_start_gateway(cfg, pool: list[gateway.Member], load_archives: bool
     for path, content in gateway_files(cfg, pool).items():
         changed[Path(path).name] = files.put(name=f"Write gateway/{Path(path).name}", src=io.StringIO(content),
                                              dest=path, mode="0644").will_change
-    ca = tls.ca_certificate(cfg) if any(member.tls for member in pool) else None
-    if ca:
-        changed["ca"] = files.put(name=f"Write gateway/{tls.HOST_DIR}/{gateway.CA_FILE}", src=io.StringIO(ca),
+    for ca_dir in gateway.ca_dirs(pool):  # one at most (run_settings)
+        changed["ca"] = files.put(name=f"Write gateway/{tls.HOST_DIR}/{gateway.CA_FILE}",
+                                  src=io.StringIO(tls.ca_certificate(ca_dir)),
                                   dest=f"{directory}/{tls.HOST_DIR}/{gateway.CA_FILE}", mode="0644").will_change
     if addresses.behind_front_door(cfg):
         certificate = host_certificate(cfg)

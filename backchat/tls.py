@@ -167,12 +167,10 @@ def _needs_new(cert_path: Path, ca_cert, wanted: list[x509.GeneralName]) -> bool
     )
 
 
-def ca_certificate(cfg) -> str | None:
-    """Our CA's certificate (PEM), which a host's certificate is checked against; None with
-    your own certificates (their issuer is in the system's trust store, or should be)."""
-    if cfg.tls_cert_file:
-        return None
-    _, cert = certificate_authority(cfg.tls_ca_dir)
+def ca_certificate(ca_dir: str) -> str:
+    """The certificate (PEM) of the CA in ``ca_dir``, which the hosts' certificates are
+    checked against (made there first, if need be, as for any host)."""
+    _, cert = certificate_authority(ca_dir)
     return cert.public_bytes(serialization.Encoding.PEM).decode()
 
 

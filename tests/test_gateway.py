@@ -129,11 +129,18 @@ def test_hosts_are_reached_over_https_checked_against_our_ca(cfg):
     ]
 
 
-def test_with_your_own_certificates_hosts_are_checked_against_the_systems_store(tmp_path):
+def test_a_host_with_your_own_certificate_is_checked_against_the_systems_store(cfg, tmp_path):
     for name in ("cert.pem", "key.pem"):
         (tmp_path / name).write_text("x")
     own = make_cfg(tls=True, tls_cert_file=str(tmp_path / "cert.pem"), tls_key_file=str(tmp_path / "key.pem"))
-    assert "ca-file @system-ca verifyhost" in gateway.render_config(own, gateway.members(lab()))
+    pool = gateway.members([("ai-01", own, "ai-01.lab"), ("ai-02", make_cfg(tls=True), "ai-02.lab")])
+    ours = make_cfg().tls_ca_dir
+    assert [member.ca_dir for member in pool] == [None, ours]
+    assert gateway.ca_dirs(pool) == {ours}
+    lines = server_lines(gateway.render_config(cfg, pool))
+    assert "ca-file @system-ca verifyhost ai-01.lab" in lines[0]
+    assert "ca-file /etc/backchat/gateway/ca.crt verifyhost ai-02.lab" in lines[1]
+    assert gateway.ca_dirs(gateway.members([("ai-01", own, "a"), ("ai-02", make_cfg(), "b")])) == set()
 
 
 def test_the_door_is_https_on_the_gateway_port_and_routes_v1_to_the_pool(cfg):

@@ -206,3 +206,9 @@ def test_a_gateway_that_is_an_ai_host_needs_its_own_port():
     assert "gateway_port = 3001 is also chatbot-ui's port on this host" in message
     # A gateway that is not an AI host may use any port.
     run_settings.validate_inventory(FakeInventory([FakeHost("ai-01", ["lab"]), FakeHost("gw", ["gateway"], {"gateway_port": 3001})]))
+
+
+def test_a_gateway_checks_every_host_against_one_ca(tmp_path):
+    message = refusal([FakeHost("ai-01", ["lab"]), FakeHost("ai-02", ["lab"], {"tls_ca_dir": str(tmp_path / "other")}),
+                       FakeHost("gw", ["gateway"])])
+    assert "their tls_ca_dir differ" in message and "Fix: one tls_ca_dir for the whole lab" in message

@@ -500,13 +500,13 @@ def written(tmp_path: Path, **overrides) -> Path:
     a host with a name, one with an IP and one without a door; the container's paths made
     real (the certificate from our CA, the CA, the run directory)."""
     cfg = door_cfg(KEY, public_address="gw.lab", **overrides)
-    pool = gateway.members([("ai-01", door_cfg(KEY), "ai-01.lab"), ("10.0.0.7", door_cfg(KEY), "10.0.0.7"),
+    own = {name: overrides[name] for name in ("tls_cert_file", "tls_key_file") if name in overrides}
+    pool = gateway.members([("ai-01", door_cfg(KEY, **own), "ai-01.lab"), ("10.0.0.7", door_cfg(KEY), "10.0.0.7"),
                             ("ai-03", door_cfg(KEY, tls=False), "ai-03.lab")])
     certificate = tls.host_certificate(door_cfg(KEY, tls_ca_dir=str(tmp_path / "ca")), "gw.lab", ["gw.lab"])
     (tmp_path / gateway.PEM_FILE).write_text(certificate.cert_pem + certificate.key_pem.reveal())
-    where = {"run_dir": str(tmp_path), "tls": {"crt": str(tmp_path / gateway.PEM_FILE)} if cfg.tls else None}
-    if not cfg.tls_cert_file:  # with your own certificates: the system's store, as rendered
-        where["ca_file"] = str(tmp_path / "ca" / "ca.crt")
+    where = {"run_dir": str(tmp_path), "tls": {"crt": str(tmp_path / gateway.PEM_FILE)} if cfg.tls else None,
+             "ca_file": str(tmp_path / "ca" / "ca.crt")}
     conf = tmp_path / gateway.CONFIG_FILE
     conf.write_text(gateway.render_config(cfg, pool, **where))
     return conf

@@ -34,8 +34,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from backchat import gateway, tls
+from backchat import gateway, probes, tls
 from backchat.addresses import RELAY_PORT
+from backchat.probes import ControllerProbe
+from backchat.secrets import Secret
+from backchat.verify import check_gateway
 from tests.e2e.test_frontdoor import answer, check_streams, streamed
 from tests.e2e.test_real_model import chatbot_ui_text, sse_data
 from testbed import chatbot_ui_standin
@@ -374,6 +377,35 @@ def test_a_failed_backend_drops_out_without_a_config_change_and_comes_back(gw, l
 
 def test_a_host_that_goes_away_costs_no_request(gw, lab):
     check_a_host_that_goes_away(gw, lab)
+
+
+def test_verify_checks_the_gateway_and_reads_its_rotation_as_the_deploy_does(gw, lab):
+    """The deploy's verify of a gateway host (verify.check_gateway) against this gateway:
+    the model through the pool with the key trusted by our CA, the key refused at the door,
+    the GUI's model list, and the rotation read with the same curl script the deploy runs
+    on the gateway host (here, locally). A host that goes away is named out of rotation."""
+    probe = ControllerProbe(Secret(KEY), str(gw.ca_dir / "ca.crt"))
+
+    def read() -> list[gateway.Standing]:
+        done = subprocess.run(["sh", "-c", probes._CURL, "probe", "GET", gateway.STATS_URL, "10", "", "", str(gw.socket)],
+                              capture_output=True, text=True, timeout=30)
+        *body, code = done.stdout.splitlines()
+        assert code == "200", done.stderr
+        return gateway.rotation("\n".join(body), gw.pool)
+
+    cfg = dataclasses.replace(gw.cfg, verify_timeout=10)
+    results, _ = check_gateway(cfg, gw.url, probe, read, list(NAMES))
+    assert [(r.service, r.ok) for r in results] == [("gateway", True), ("chatbot-ui", True), ("rotation", True)], results
+    assert results[-1].detail == f"in rotation: {', '.join(NAMES)}"
+    lab[2].door.stop()
+    try:
+        wait_until(lambda: not gw.standing(NAMES[2]).in_rotation, 10, gw.summary)
+        results, _ = check_gateway(dataclasses.replace(cfg, verify_timeout=3), gw.url, probe, read, list(NAMES))
+    finally:
+        lab[2].door.start()
+    assert results[0].ok and not results[-1].ok, results
+    assert f"out: {NAMES[2]} (DOWN: L4CON, Connection refused)" in results[-1].detail, results[-1].detail
+    wait_until(lambda: gw.standing(NAMES[2]).in_rotation, 15, gw.summary)
 
 
 def test_the_relay_listens_where_the_compose_file_says():

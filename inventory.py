@@ -17,8 +17,13 @@ lab = [name for name in os.environ.get("BACKCHAT_HOSTS", "").split(",") if name]
 # its own (the one-box setup). BACKCHAT_BACKSTAGE="portal.lab" fills it.
 backstage = [name for name in os.environ.get("BACKCHAT_BACKSTAGE", "").split(",") if name]
 
+# The lab's one endpoint: a host that runs the gateway (HAProxy) over every AI host above,
+# with the GUI behind it; it may be one of them too. At most one. BACKCHAT_GATEWAY="gw.lab"
+# fills it.
+gateway = [name for name in os.environ.get("BACKCHAT_GATEWAY", "").split(",") if name]
+
 # The Vagrant test box (see Vagrantfile): BACKCHAT_VAGRANT=1 targets it via `vagrant ssh-config`.
 vagrant = ["@vagrant/default"] if os.environ.get("BACKCHAT_VAGRANT") else []
 
-if not (workstations or lab or vagrant or backstage):
+if not (workstations or lab or vagrant or backstage or gateway):
     workstations = ["@local"]

@@ -98,6 +98,15 @@ def api_urls(cfg, address: str) -> dict[str, str]:
     }
 
 
+def gateway_url(cfg, address: str) -> str:
+    """The lab's one endpoint on the gateway host (``cfg`` its settings): the GUI at ``/``,
+    the OpenAI API at ``/v1`` (the URL is the API's base, as elsewhere). The scheme's own
+    port is left out, as browsers write the origin."""
+    scheme = _scheme(cfg)
+    own = cfg.gateway_port == {"https": 443, "http": 80}[scheme]
+    return f"{scheme}://{address}" + ("" if own else f":{cfg.gateway_port}")
+
+
 def internal_address(service: str) -> str:
     """host:port of a service on the compose network (Text Gen WebUI's GUI is its container)."""
     container = "textgen" if service == "textgen-gui" else service

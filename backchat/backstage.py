@@ -14,6 +14,10 @@ config and one catalog for every AI host of the run (entity names carry each hos
 so they never clash); ``ai_server.url`` opens one host's GUI. Without that group, each AI
 host describes only itself, under the plain ``backchat-*`` names (the one-box setup).
 
+A lab with a gateway (the ``gateway`` group) is one endpoint: ``ai_server.url``, the CSP
+lists and the one API's servers are the gateway's URLs (its GUI, and the API over every AI
+host), whoever writes the config; the hosts stay in the catalog as the components behind it.
+
 With an API key, Swagger UI's "Try it out" cannot call a backend from the browser: the
 browser would need the key, and LocalAI answers the CORS preflight with 401. So each
 backend also gets a Backstage proxy endpoint that adds the key on Backstage's server
@@ -37,7 +41,7 @@ import yaml
 from pyinfra import host
 
 from backchat import outcomes, own_files, resources
-from backchat.addresses import api_urls, gui_url, public_address
+from backchat.addresses import api_urls, gateway_url, gui_url, public_address
 
 # libyaml's parser and emitter (PyYAML's C bindings) where PyYAML has them: the same YAML,
 # without most of a re-run's CPU on the controller (the catalog's OpenAPI text, char by char).
@@ -91,6 +95,31 @@ class Served:
     def name(self, service: str) -> str:
         """A service's Component name (its API is this plus ``-api``; its proxy endpoint
         is ``/`` plus this)."""
+        return f"{self.prefix}-{service}"
+
+
+GATEWAY = "gateway"
+
+
+@dataclass(frozen=True)
+class Door:
+    """The lab's gateway as Backstage sees it: the GUI and one API over every AI host, at
+    one URL (``cfg``: the gateway host's settings). Named ``backchat-gateway``."""
+
+    cfg: object
+    address: str
+    host: str
+    prefix: str = SYSTEM
+
+    @property
+    def gui(self) -> str:
+        return gateway_url(self.cfg, self.address)
+
+    @property
+    def apis(self) -> dict[str, str]:
+        return {GATEWAY: self.gui}
+
+    def name(self, service: str) -> str:
         return f"{self.prefix}-{service}"
 
 
@@ -173,15 +202,17 @@ def our_config(cfg, address: str, base: dict | None = None) -> dict:
     return lab_config(cfg, one_box(cfg, address), base)
 
 
-def lab_config(cfg, served: tuple[Served, ...], base: dict | None = None) -> dict:
-    """Our keys of app-config.local.yaml, describing the AI hosts ``served``.
+def lab_config(cfg, served: tuple[Served, ...], base: dict | None = None, door: Door | None = None) -> dict:
+    """Our keys of app-config.local.yaml, describing the AI hosts ``served`` (behind the
+    lab's gateway ``door``, if there is one: then every URL is the gateway's).
 
     ``cfg`` is the Backstage host's settings. ``base`` is the app's own app-config.yaml
     (parsed), if any: the sources its ``backend.csp`` lists for a directive we write are
     kept in ours, since ours replaces theirs when Backstage merges the files.
     """
-    gui = gui_host(cfg, served).gui
-    apis = sorted({url for each in served for url in each.apis.values()})
+    fronts = (door,) if door else served
+    gui = door.gui if door else gui_host(cfg, served).gui
+    apis = sorted({url for each in fronts for url in each.apis.values()})
     base_backend = base.get("backend") if isinstance(base, dict) else None
     base_csp = base_backend.get("csp") if isinstance(base_backend, dict) else None
     base_csp = base_csp if isinstance(base_csp, dict) else {}
@@ -212,7 +243,7 @@ def lab_config(cfg, served: tuple[Served, ...], base: dict | None = None) -> dic
         "backend": {"csp": csp},
         "catalog": {"locations": [*theirs, location]},
     }
-    endpoints = proxy_endpoints(served)
+    endpoints = proxy_endpoints(fronts)
     if endpoints:
         ours["proxy"] = {"endpoints": endpoints}
     return ours
@@ -332,11 +363,12 @@ def render_config(existing_text: str | None, cfg, address: str, base_text: str |
     return render_lab_config(existing_text, cfg, one_box(cfg, address), base_text)
 
 
-def render_lab_config(existing_text: str | None, cfg, served: tuple[Served, ...], base_text: str | None = None) -> str:
+def render_lab_config(existing_text: str | None, cfg, served: tuple[Served, ...], base_text: str | None = None,
+                      door: Door | None = None) -> str:
     """app-config.local.yaml: ``existing_text`` merged with ours (``base_text``: app-config.yaml)."""
     existing = _load(existing_text) if existing_text else None
     base = _load(base_text) if base_text else None
-    merged = merge(existing, lab_config(cfg, served, base))
+    merged = merge(existing, lab_config(cfg, served, base, door))
     return _dump(merged, sort_keys=False, default_flow_style=False)
 
 
@@ -402,14 +434,14 @@ def _represent_str(dumper: _SafeDumper, value: str):
 _CatalogDumper.add_representer(str, _represent_str)
 
 
-def openapi_definition(cfg, service: str, servers: list[dict]) -> dict:
+def openapi_definition(cfg, service: str, servers: list[dict], where: str = "on this host") -> dict:
     """The OpenAI API subset every backend serves, at ``servers`` (no api.openai.com).
 
     Swagger UI on Backstage's API page ("Try it out") calls the chosen server from the
     browser: Backstage's proxy (with a key), or the host itself, which must be allowed by
     Backstage's ``connect-src`` and answer CORS for Backstage's origin.
     """
-    definition = _load(resources.render("openai-api.yaml.j2", service=service, model_id=cfg.model_id))
+    definition = _load(resources.render("openai-api.yaml.j2", service=service, model_id=cfg.model_id, where=where))
     definition["servers"] = servers
     if cfg.api_key:
         definition["security"] = [{"apiKey": []}]
@@ -432,32 +464,65 @@ def render_catalog(cfg, address: str) -> str:
     return render_lab_catalog(one_box(cfg, address))
 
 
-def render_lab_catalog(served: tuple[Served, ...], backend: str = "") -> str:
-    """The Backchat System; per AI host a Component per service and an API per backend.
+def render_lab_catalog(served: tuple[Served, ...], backend: str = "", door: Door | None = None) -> str:
+    """The Backchat System; per AI host a Component per service and an API per backend
+    (with a gateway: the gateway's Component and its one API, the hosts' Components behind it).
 
     ``backend`` is Backstage's backend URL for browsers (:func:`backend_url`).
     """
+    links = ([{"url": door.gui, "title": "Chat (every AI host, through the gateway)", "icon": "chat"}] if door else [
+        {"url": each.gui, "title": f"Chat ({each.host})" if each.host else "Chat", "icon": "chat"} for each in served
+    ])
     system = {
         "apiVersion": "backstage.io/v1alpha1",
         "kind": "System",
-        "metadata": {
-            "name": SYSTEM,
-            "description": "Private AI chat served from this lab",
-            "links": [
-                {"url": each.gui, "title": f"Chat ({each.host})" if each.host else "Chat", "icon": "chat"}
-                for each in served
-            ],
-        },
+        "metadata": {"name": SYSTEM, "description": "Private AI chat served from this lab", "links": links},
         "spec": {"owner": "platform-team"},
     }
     entities = [system]
+    if door:
+        entities.extend(_gateway_entities(door, served, backend))
     for each in served:
-        entities.extend(_host_entities(each, backend))
+        entities.extend(_host_entities(each, backend, with_apis=door is None))
     return yaml.dump_all(entities, Dumper=_CatalogDumper, sort_keys=False)
 
 
-def _host_entities(served: Served, backend: str) -> list[dict]:
-    cfg, apis, gui = served.cfg, served.apis, served.gui
+def _gateway_entities(door: Door, served: tuple[Served, ...], backend: str) -> list[dict]:
+    """The gateway's Component (in front of every host's backend) and the lab's one API."""
+    url = door.gui
+    api = f"{door.name(GATEWAY)}-api"
+    component = {
+        "apiVersion": "backstage.io/v1alpha1",
+        "kind": "Component",
+        "metadata": {
+            "name": door.name(GATEWAY),
+            "description": f"The lab's gateway on {door.host}: the GUI and the API of every AI host, load-balanced",
+            "links": [{"url": url, "title": "Chat"}, {"url": f"{url}/v1/models", "title": "Models"}],
+        },
+        "spec": {
+            "type": "service", "lifecycle": "experimental", "owner": "platform-team", "system": SYSTEM,
+            "providesApis": [api],
+            "dependsOn": [f"component:{each.name(each.cfg.backend)}" for each in served],
+        },
+    }
+    definition = openapi_definition(door.cfg, GATEWAY, api_servers(door, GATEWAY, url, backend),
+                                    where="for the whole lab, load-balanced over every AI host")
+    entity = {
+        "apiVersion": "backstage.io/v1alpha1",
+        "kind": "API",
+        "metadata": {"name": api, "description": f"OpenAI-compatible API of the whole lab at {url}/v1"},
+        "spec": {
+            "type": "openapi", "lifecycle": "experimental", "owner": "platform-team", "system": SYSTEM,
+            "definition": yaml.dump(definition, Dumper=_CatalogDumper, sort_keys=False),
+        },
+    }
+    return [component, entity]
+
+
+def _host_entities(served: Served, backend: str, with_apis: bool = True) -> list[dict]:
+    """A host's Components, and its APIs (``with_apis``; behind a gateway the lab has one)."""
+    cfg, gui = served.cfg, served.gui
+    apis = served.apis if with_apis else {}
     on = f" on {served.host}" if served.host else ""
     backends = [service for service in cfg.services if service in apis]
     entities = []
@@ -474,9 +539,12 @@ def _host_entities(served: Served, backend: str) -> list[dict]:
         if service in apis:
             component["spec"]["providesApis"] = [f"{served.name(service)}-api"]
             links.append({"url": f"{apis[service]}/v1/models", "title": "Models"})
+        elif service == cfg.backend:
+            links.append({"url": f"{served.apis[service]}/v1/models", "title": "Models"})
         if service == "chatbot-ui":
-            component["spec"]["dependsOn"] = [f"component:{served.name(api_service)}" for api_service in backends]
-            component["spec"]["consumesApis"] = [f"{served.name(api_service)}-api" for api_service in backends]
+            component["spec"]["dependsOn"] = [f"component:{served.name(cfg.backend)}"]
+            if backends:
+                component["spec"]["consumesApis"] = [f"{served.name(api_service)}-api" for api_service in backends]
         if links:
             component["metadata"]["links"] = links
         entities.append(component)
@@ -502,16 +570,21 @@ def _host_entities(served: Served, backend: str) -> list[dict]:
     return entities
 
 
-def configure(cfg, lab_hosts=None) -> None:
+def configure(cfg, lab_hosts=None, gateway=None) -> None:
     """Write app-config.local.yaml and the catalog into ``backstage_app_dir``.
 
     ``lab_hosts``: the AI hosts to describe, as ``(host, settings)``, on a ``backstage``
-    group host; ``None`` on an AI host that describes only itself.
+    group host; ``None`` on an AI host that describes only itself. ``gateway``: the lab's
+    gateway host and its settings, if the lab has one (every URL is then the gateway's).
     """
     if lab_hosts is None:
         served = one_box(cfg, public_address(cfg))
     else:
         served = lab([(each.name, each_cfg, public_address(each_cfg, each)) for each, each_cfg in lab_hosts])
+    door = None
+    if gateway is not None:
+        gateway_host, gateway_cfg = gateway
+        door = Door(gateway_cfg, public_address(gateway_cfg, gateway_host), gateway_host.name)
     config_path = f"{cfg.backstage_app_dir}/{CONFIG_FILE}"
     base_path = f"{cfg.backstage_app_dir}/{BASE_CONFIG_FILE}"
     backup_path = f"{config_path}.backchat.bak"
@@ -525,8 +598,8 @@ def configure(cfg, lab_hosts=None) -> None:
             _load(text or "")
         except yaml.YAMLError as error:
             raise ValueError(f"{path} on {host.name} is not valid YAML: {error}") from None
-    content = render_lab_config(existing_text, cfg, served, base_text)
-    catalog = render_lab_catalog(served, backend_url(_load(base_text) if base_text else None))
+    content = render_lab_config(existing_text, cfg, served, base_text, door)
+    catalog = render_lab_catalog(served, backend_url(_load(base_text) if base_text else None), door)
 
     # No mode: this is the user's Backstage app, whose directory is theirs.
     own_files.directory(name="Create the Backstage app directory", path=cfg.backstage_app_dir,
@@ -539,8 +612,8 @@ def configure(cfg, lab_hosts=None) -> None:
                        seen=seen.get(backup_path), mode="0644")
     own_files.file(name=f"Write {CONFIG_FILE}", dest=config_path, content=content, seen=seen.get(config_path),
                    mode="0644")
-    outcomes.record(host.name, backstage_config=config_path, ai_server_url=gui_host(cfg, served).gui)
-    if any(each.cfg.api_key for each in served):
+    outcomes.record(host.name, backstage_config=config_path, ai_server_url=door.gui if door else gui_host(cfg, served).gui)
+    if any(each.cfg.api_key for each in ((door,) if door else served)):
         outcomes.record(host.name, backstage_env="BACKCHAT_API_KEY")
     own_files.file(name=f"Write {CATALOG_FILE}", dest=catalog_path, content=catalog, seen=seen.get(catalog_path),
                    mode="0644")

@@ -8,7 +8,9 @@ host data and ``--data`` override them. Every host's settings are checked once p
 before the first operation is queued for any host.
 
 A host of the inventory's ``backstage`` group gets the Backstage config for every AI host
-of the run (and runs no stack unless it is in another group too); see run_settings.
+of the run (and runs no stack unless it is in another group too); the host of the
+``gateway`` group runs the lab's gateway over every AI host (and, likewise, no stack unless
+it is in another group too); see run_settings.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pyinfra import host, state
 from pyinfra.api import deploy
 
 from backchat import backstage, docker, model, model_change, phases, preflight, report, stack, transport, verify
-from backchat.run_settings import described_hosts, role, settings_for
+from backchat.run_settings import described_hosts, lab_gateway, pool_hosts, role, settings_for
 from backchat.settings import DEFAULTS
 
 
@@ -30,22 +32,29 @@ def deploy_backchat():
 
     if this.serves_ai:
         model.look_up_early(cfg)  # the Hub answers while preflight and step 1 read the host
-        os_info = preflight.check(cfg)  # unsupported hosts are refused, one by one
+    if this.serves_ai or this.runs_gateway:
+        os_info = preflight.check(cfg, this.serves_ai, this.runs_gateway)  # unsupported hosts are refused
         if not os_info:
             return
         with phases.step("docker"):  # the report times each step on each host
             if not docker.install(cfg, os_info):  # 1. Docker Engine + compose v2, repo key pinned
                 return
+    if this.serves_ai:
         with phases.step("model"):
             if not model.fetch(cfg):  # 2. the model: pinned, resumable, verified once
                 return
         threads = stack.thread_count(cfg, stack.tune())  # 3. threads = physical cores
         stack.write_and_start(cfg, threads)  # 4. compose file + model config, then up
-    if this.writes_backstage:
-        backstage.configure(cfg, described_hosts(state, host))  # 5. app-config.local.yaml, catalog
+    if this.runs_gateway:  # 4. the lab's gateway over every AI host
+        pool = stack.gateway_pool(pool_hosts(state))
+        stack.write_and_start_gateway(cfg, pool, load_archives=not this.serves_ai)
+    if this.writes_backstage:  # 5. app-config.local.yaml, catalog (pointing at the gateway, if any)
+        backstage.configure(cfg, described_hosts(state, host), lab_gateway(state))
     if this.serves_ai:
         with phases.step("verify"):
             verify.backends(name="Verify /v1/models lists the model", cfg=cfg)  # 6. each backend serves it
         if verify.skipped_because(cfg):
             phases.skip("verify", verify.skipped_because(cfg))
         model_change.remove_old(cfg)  # only once verify passed: the previous model, if the model changed
+    if this.runs_gateway:  # 6. through the gateway, as users reach it; which hosts are in rotation
+        verify.through_gateway(name="Verify the gateway serves the model from the AI hosts", cfg=cfg, pool=pool)

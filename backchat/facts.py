@@ -420,6 +420,9 @@ for rel in "$@"; do
     if [ "$mode" = remove ]; then rmdir -- "$t" 2>/dev/null && echo "emptydir $rel" || echo "dir $rel"
     elif [ -z "$(ls -A -- "$t")" ]; then echo "emptydir $rel"
     else echo "dir $rel"; fi
+  elif [ -S "$t" ]; then
+    if [ "$mode" = remove ]; then rm -f -- "$t" || exit 1; fi
+    echo "socket $rel"
   elif [ -e "$t" ]; then echo "other $rel"
   fi
 done
@@ -430,7 +433,8 @@ class OwnPaths(FactBase):
     """
     Returns what each of ``paths`` (relative to our directory ``root``) is, without following
     a symlink: ``{"models/x.yaml": "file", "bin": "emptydir", ".": "dir", "y": "link"}``
-    (also ``unsafe``: under a link; ``other``: a socket or device). Missing paths are left out.
+    (also ``socket``: one of our servers' sockets; ``unsafe``: under a link; ``other``: a
+    device or fifo). Missing paths are left out.
     """
 
     default = dict

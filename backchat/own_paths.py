@@ -15,7 +15,7 @@ from backchat.facts import OWN_PATHS_SCRIPT, OwnPaths
 
 def removals(found: dict[str, str], paths: list[str]) -> bool:
     """Whether removing ``paths`` (as ``OwnPaths`` found them) would change anything."""
-    return any(found.get(path) in ("file", "emptydir") for path in paths)
+    return any(found.get(path) in ("file", "socket", "emptydir") for path in paths)
 
 
 @operation(is_idempotent=False)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import psutil
 from pyinfra import host
 
-from backchat import addresses, outcomes
+from backchat import addresses, gateway, outcomes
 from backchat.facts import COMPOSE_PROJECT, ComposeStack, InitSystem, ListeningPorts, MemTotalMb, MissingUsers, OsRelease
 
 # The process Docker publishes a container's port with (userland proxy).
@@ -23,8 +23,9 @@ SUPPORTED = {("debian", "12"), ("debian", "13"), ("ubuntu", "22.04"), ("ubuntu",
 ARCHITECTURES = {"amd64", "arm64"}
 
 
-def problems(cfg, os_info: dict, memory_mb: int | None, init: str = "systemd") -> list[str]:
-    """Why this host cannot take the deploy, in words a user can act on (empty: it can)."""
+def problems(cfg, os_info: dict, memory_mb: int | None, init: str = "systemd", serves_ai: bool = True) -> list[str]:
+    """Why this host cannot take the deploy, in words a user can act on (empty: it can).
+    ``serves_ai``: it runs the model (a gateway alone needs no RAM for it)."""
     found = []
     release = (os_info["id"], os_info["version_id"])
     if release not in SUPPORTED:
@@ -40,7 +41,7 @@ def problems(cfg, os_info: dict, memory_mb: int | None, init: str = "systemd") -
             "(docker-compose 1.29), and backchat needs compose v2. Fix: use "
             "docker_source = 'docker' (Docker's apt repo) or Debian 13"
         )
-    if memory_mb is not None and memory_mb < cfg.min_memory_mb:
+    if serves_ai and memory_mb is not None and memory_mb < cfg.min_memory_mb:
         found.append(
             f"{memory_mb} MB of RAM is less than the {cfg.min_memory_mb} MB the model needs "
             "(min_memory_mb). Fix: a bigger host, or a smaller model_file and min_memory_mb"
@@ -54,15 +55,20 @@ def problems(cfg, os_info: dict, memory_mb: int | None, init: str = "systemd") -
     return found
 
 
-def wanted_ports(cfg) -> dict[int, str]:
+def wanted_ports(cfg, serves_ai: bool = True, runs_gateway: bool = False) -> dict[int, str]:
     """Host port -> the setting that chose it, for every service this host will run."""
-    return {addresses.host_port(cfg, service): PORT_SETTINGS[service] for service in addresses.published_services(cfg)}
+    ports = {addresses.host_port(cfg, service): PORT_SETTINGS[service]
+             for service in addresses.published_services(cfg)} if serves_ai else {}
+    if runs_gateway:
+        ports[cfg.gateway_port] = "gateway_port"
+    return ports
 
 
-def port_problems(cfg, listening: dict[int, str], stack_exists: bool) -> list[str]:
+def port_problems(cfg, listening: dict[int, str], stack_exists: bool, serves_ai: bool = True,
+                  runs_gateway: bool = False) -> list[str]:
     """Ports we need that a process other than our own stack holds."""
     found = []
-    for port, setting in sorted(wanted_ports(cfg).items()):
+    for port, setting in sorted(wanted_ports(cfg, serves_ai, runs_gateway).items()):
         if port not in listening:
             continue
         process = listening[port]
@@ -97,15 +103,19 @@ def _listening_locally() -> dict[int, str]:
     return ports
 
 
-def check(cfg) -> dict | None:
-    """Read the host's OS, RAM, ports and users; queue a refusal and return None when it cannot be served."""
+def check(cfg, serves_ai: bool = True, runs_gateway: bool = False) -> dict | None:
+    """Read the host's OS, RAM, ports and users; queue a refusal and return None when it
+    cannot be served (as an AI host, the lab's gateway, or both)."""
     os_info = host.get_fact(OsRelease)
-    found = problems(cfg, os_info, host.get_fact(MemTotalMb), host.get_fact(InitSystem))
+    found = problems(cfg, os_info, host.get_fact(MemTotalMb), host.get_fact(InitSystem), serves_ai)
     if cfg.start:
         listening = _listening_locally() if host.name == "@local" else host.get_fact(ListeningPorts)
-        held_by_docker = any(listening.get(port) == DOCKER_PROXY for port in wanted_ports(cfg))
-        stack = host.get_fact(ComposeStack, project_dir=cfg.stack_dir, project=COMPOSE_PROJECT) if held_by_docker else None
-        found += port_problems(cfg, listening, bool(stack))
+        held_by_docker = any(listening.get(port) == DOCKER_PROXY for port in wanted_ports(cfg, serves_ai, runs_gateway))
+        projects = ([(cfg.stack_dir, COMPOSE_PROJECT)] if serves_ai else []) + (
+            [(gateway.directory(cfg), gateway.PROJECT)] if runs_gateway else [])
+        ours = held_by_docker and any(
+            host.get_fact(ComposeStack, project_dir=directory, project=project) for directory, project in projects)
+        found += port_problems(cfg, listening, ours, serves_ai, runs_gateway)
     if cfg.docker_users:
         found += user_problems(host.get_fact(MissingUsers, names=list(cfg.docker_users)))
     if found:

@@ -61,12 +61,14 @@ class ControllerProbe:
         return Answer(response.status_code, response.text)
 
 
-# $1 method, $2 url, $3 seconds, $4 the stack's .env (or ""), $5 a JSON body (or "").
+# $1 method, $2 url, $3 seconds, $4 the stack's .env (or ""), $5 a JSON body (or ""),
+# $6 a unix socket to ask instead of the URL's host (or "").
 _CURL = (
     'key=""; if [ -n "$4" ] && [ -r "$4" ]; then key=$(sed -n "s/^BACKCHAT_API_KEY=//p" "$4"); fi; '
     'if [ -n "$key" ]; then printf "Authorization: Bearer %s\\n" "$key"; fi | '
     'if [ -n "$5" ]; then curl -sS -X "$1" -m "$3" -H @- -H "Content-Type: application/json" --data-binary "$5" '
-    '-w "\\n%{http_code}" "$2"; else curl -sS -X "$1" -m "$3" -H @- -w "\\n%{http_code}" "$2"; fi'
+    '${6:+--unix-socket} ${6:+"$6"} -w "\\n%{http_code}" "$2"; '
+    'else curl -sS -X "$1" -m "$3" -H @- ${6:+--unix-socket} ${6:+"$6"} -w "\\n%{http_code}" "$2"; fi'
 )
 
 
@@ -77,10 +79,12 @@ class HostProbe:
         self.host = host
         self.env_file = env_file
 
-    def request(self, method: str, url: str, with_key: bool = True, body: dict | None = None, timeout: float = 10.0):
+    def request(self, method: str, url: str, with_key: bool = True, body: dict | None = None, timeout: float = 10.0,
+                unix_socket: str | None = None):
         command = StringCommand(
             "sh", "-c", QuoteString(_CURL), "probe", method, QuoteString(url), str(int(max(timeout, 1))),
             QuoteString(self.env_file if with_key else ""), QuoteString(jsonlib.dumps(body) if body else ""),
+            QuoteString(unix_socket or ""),
         )
         status, output = transport.run_as_operation(self.host, command, _success_exit_codes=list(range(256)))
         lines = output.stdout_lines

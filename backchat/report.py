@@ -88,6 +88,11 @@ def format_table(entries: list[dict], columns: tuple = COLUMNS) -> str:
             f"  Backstage reads {configs} only when started without --config (yarn start); "
             "a production backend (create-app's Dockerfile) needs --config app-config.local.yaml added last."
         )
+    for entry in entries:
+        if entry.get("gateway_url") and not entry.get("failure"):
+            url = entry["gateway_url"]
+            lines.append(f"  The lab's one endpoint (gateway {entry['host']}): {url} (the GUI) and {url}/v1 "
+                         "(the OpenAI API, with the key)" + (f"; {entry['in_rotation']}" if entry.get("in_rotation") else ""))
     trusted = sorted({entry["trust"] for entry in entries if entry.get("trust") and not entry.get("failure")})
     if trusted:
         lines.append(

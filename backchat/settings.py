@@ -99,6 +99,9 @@ SETTINGS: tuple[Setting, ...] = (
     _S("tls_key_file", None, checks.optional(checks.controller_path), "its private key (PEM)"),
     _S("proxy_timeout", 1800, checks.integer(10, 86400, example=1800),
        "seconds a streamed answer may take through the front door"),
+    # The lab's gateway (backchat/gateway.py), on the inventory's `gateway` group host
+    _S("gateway_port", 443, checks.port,
+       "the `gateway` host's one port: the GUI at `/`, the API of every AI host at `/v1`"),
     # Images
     _S("localai_image", "localai/localai:v4.9.0", checks.image, "pinned tag, any registry"),
     _S("chatbot_ui_image", "ghcr.io/mckaywrigley/chatbot-ui:main", checks.image, "pinned tag, any registry"),
@@ -110,6 +113,10 @@ SETTINGS: tuple[Setting, ...] = (
        "pinned tag, any registry"),
     _S("llamacpp_image", "ghcr.io/ggml-org/llama.cpp:server-b11206", checks.image, "pinned tag, any registry"),
     _S("frontdoor_image", "nginx:1.30.4", checks.image, "pinned tag, any registry (nginx stable)"),
+    # HAProxy's newest LTS branch when pinned (docker-library/haproxy's versions.json,
+    # 2026-07: 3.4 is "latest lts", 3.4.2 its newest tag). Its config parses and runs on
+    # Debian 12's HAProxy 2.6 too, which is what tests/e2e/test_gateway.py runs.
+    _S("gateway_image", "haproxy:3.4.2", checks.image, "pinned tag, any registry (HAProxy LTS)"),
     _S("image_archives", [], checks.image_archives,
        "`docker save` tarballs on the controller, `docker load`ed on hosts that lack them"),
     # LocalAI's llama-cpp backend without a registry (backchat/localai_backend.py)

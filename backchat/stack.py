@@ -1,4 +1,5 @@
-"""Steps 3 and 4: thread count from the physical cores, then the compose stack.
+"""Steps 3 and 4: thread count from the physical cores, then the compose stack; on the lab's
+gateway host, the gateway's own compose project (backchat/gateway.py).
 
 The files are rendered on the controller (pure functions, unit-tested) and put on the host;
 ``compose up`` runs only when a file changed or a container does not match its file, so a
@@ -13,7 +14,7 @@ from pyinfra import host
 from pyinfra.api import QuoteString, StringCommand, operation
 from pyinfra.operations import files, server
 
-from backchat import addresses, images, localai_backend, outcomes, own_files, phases, resources, secrets, tls
+from backchat import addresses, gateway, images, localai_backend, outcomes, own_files, phases, resources, secrets, tls
 from backchat.facts import COMPOSE_PROJECT as PROJECT
 from backchat.facts import ComposeStack, DockerImageTags, PhysicalCores
 
@@ -66,6 +67,7 @@ def render(template: str, cfg, threads: int, **where) -> str:
         "pid_file": "/run/nginx.pid",
         "key_map_file": DOOR_KEY_MAP,
         "backend_dir": localai_backend.host_dir(cfg),
+        "written_to": f"{cfg.stack_dir}/{FRONTDOOR_CONF}",
     }
     return resources.render(template, cfg=cfg, threads=threads, **{**values, **where})
 
@@ -107,11 +109,17 @@ def certificate_names(cfg) -> list[str]:
     )
 
 
+def host_certificate(cfg) -> tls.HostCertificate:
+    """This host's certificate (the front door's, and the gateway's on the gateway host)."""
+    certificate = tls.host_certificate(cfg, host.name, certificate_names(cfg))
+    outcomes.record(host.name, trust=certificate.trust or "your certificate's issuer")
+    return certificate
+
+
 def write_certificate(cfg, seen: dict[str, dict]) -> list:
     """The front door's certificate, its key and the API key map (both 0600) in
     ``stack_dir/tls``: their operations."""
-    certificate = tls.host_certificate(cfg, host.name, certificate_names(cfg))
-    outcomes.record(host.name, trust=certificate.trust or "your certificate's issuer")
+    certificate = host_certificate(cfg)
     directory, cert, key, key_map = certificate_paths(cfg)
     own_files.directory(name="Create the front door's certificate directory", path=directory,
                         seen=seen.get(directory), mode="0700")
@@ -185,6 +193,76 @@ def changed(writes: dict, path: str) -> bool:
     return path in writes and writes[path].will_change
 
 
+def gateway_files(cfg, pool: list[gateway.Member]) -> dict[str, str]:
+    """Host path -> content of the gateway's files that hold no secret (all 0644)."""
+    directory = gateway.directory(cfg)
+    return {
+        f"{directory}/{gateway.COMPOSE_FILE}": gateway.render_compose(cfg),
+        f"{directory}/{gateway.CONFIG_FILE}": gateway.render_config(cfg, pool),
+        f"{directory}/{gateway.RELAY_FILE}": gateway.render_relay(cfg),
+    }
+
+
+def gateway_pool(lab_hosts) -> list[gateway.Member]:
+    """The gateway's pool: every AI host of the run (``(host, settings)``), where browsers reach it."""
+    return gateway.members([(each.name, each_cfg, addresses.public_address(each_cfg, each))
+                            for each, each_cfg in lab_hosts])
+
+
+def write_and_start_gateway(cfg, pool: list[gateway.Member], load_archives: bool = True) -> None:
+    """Step 4 on the lab's gateway host: its files, its certificate, then its own compose
+    project (``backchat-gateway``, beside the host's stack if it is an AI host too).
+
+    A host added to the inventory is in the pool after a re-run; HAProxy reloads its
+    config without dropping the answers under way.
+    """
+    directory = gateway.directory(cfg)
+    files.directory(name="Create the stack directory", path=cfg.stack_dir)
+    files.directory(name="Create the gateway's directory", path=directory)
+    for name in (tls.HOST_DIR, "run"):
+        files.directory(name=f"Create the gateway's {name} directory (0700)", path=f"{directory}/{name}", mode="0700")
+    env = secrets.secret_file(name="Write gateway/.env (0600)", dest=f"{directory}/.env", lines=env_lines(cfg))
+    changed = {"env": env.will_change}
+    for path, content in gateway_files(cfg, pool).items():
+        changed[Path(path).name] = files.put(name=f"Write gateway/{Path(path).name}", src=io.StringIO(content),
+                                             dest=path, mode="0644").will_change
+    for ca_dir in gateway.ca_dirs(pool):  # one at most (run_settings)
+        changed["ca"] = files.put(name=f"Write gateway/{tls.HOST_DIR}/{gateway.CA_FILE}",
+                                  src=io.StringIO(tls.ca_certificate(ca_dir)),
+                                  dest=f"{directory}/{tls.HOST_DIR}/{gateway.CA_FILE}", mode="0644").will_change
+    if addresses.behind_front_door(cfg):
+        certificate = host_certificate(cfg)
+        changed["pem"] = secrets.secret_file(
+            name=f"Write gateway/{tls.HOST_DIR}/{gateway.PEM_FILE} (0600)",
+            dest=f"{directory}/{tls.HOST_DIR}/{gateway.PEM_FILE}", lines=(certificate.cert_pem, certificate.key_pem),
+        ).will_change
+    outcomes.record(host.name, gateway_url=addresses.gateway_url(cfg, addresses.public_address(cfg)),
+                    pool=", ".join(member.host for member in pool))
+
+    if not cfg.start:
+        host.noop("start = False: the gateway is written but not started")
+        return
+    if load_archives:
+        load_image_archives(cfg)
+    pull_images(
+        name="Pull the images the gateway lacks",
+        project_dir=directory,
+        project=gateway.PROJECT,
+        services=list(gateway.SERVICES),
+        files_changed=any(changed.values()),
+    )
+    compose_up(
+        name="Start the gateway (docker compose up -d)",
+        project_dir=directory,
+        project=gateway.PROJECT,
+        services=list(gateway.SERVICES),
+        files_changed=any(changed.values()),
+        # HAProxy (master-worker) reloads on SIGUSR2: new hosts join, answers under way finish.
+        reload=["gateway"] if any(changed.get(name) for name in (gateway.CONFIG_FILE, "ca", "pem")) else [],
+        restart=["relay"] if changed.get(gateway.RELAY_FILE) else [],
+    )
+
+
 def load_image_archives(cfg) -> None:
     """`docker load` the archives whose images the host lacks (no registry needed)."""
     if not cfg.image_archives:
@@ -224,33 +302,35 @@ def out_of_date(stack: dict | None, services: list[str]) -> list[str]:
     return stale
 
 
-def _compose(project_dir: str) -> list:
-    return ["docker", "compose", "--project-directory", QuoteString(project_dir), "-p", PROJECT]
+def _compose(project_dir: str, project: str = PROJECT) -> list:
+    return ["docker", "compose", "--project-directory", QuoteString(project_dir), "-p", project]
 
 
 @operation(is_idempotent=False)
-def pull_images(project_dir: str, services: list[str], files_changed: bool = False):
+def pull_images(project_dir: str, services: list[str], files_changed: bool = False, project: str = PROJECT):
     """
     Pull the images the stack needs and the host lacks, when the stack is to be (re)started.
 
     + project_dir: directory holding docker-compose.yaml and .env
     + services: the services that must be running
     + files_changed: a compose input was rewritten in this run
+    + project: the compose project (the host's stack, or the lab's gateway)
     """
-    stale = out_of_date(host.get_fact(ComposeStack, project_dir=project_dir, project=PROJECT), services)
+    stale = out_of_date(host.get_fact(ComposeStack, project_dir=project_dir, project=project), services)
     if not stale and not files_changed:
         host.noop("stack up to date: no image to pull")
         return
     # compose names the service, not the image, when a pull fails: say which image and why.
     # A step of its own, so the report times pulling apart from starting.
     yield StringCommand(
-        *_compose(project_dir), "config", "--images", "|", "sh", "-c", QuoteString(_IMAGES_PRESENT_OR_PULLED)
+        *_compose(project_dir, project), "config", "--images", "|", "sh", "-c", QuoteString(_IMAGES_PRESENT_OR_PULLED)
     )
 
 
 @operation(is_idempotent=False)
 def compose_up(
-    project_dir: str, services: list[str], files_changed: bool = False, restart: list[str] | None = None
+    project_dir: str, services: list[str], files_changed: bool = False, restart: list[str] | None = None,
+    project: str = PROJECT, reload: list[str] | None = None,
 ):
     """
     Bring the stack up (its images are there: ``pull_images`` ran first), only when something differs.
@@ -259,13 +339,20 @@ def compose_up(
     + services: the services that must be running
     + files_changed: a compose input was rewritten in this run
     + restart: services to restart because a file they read at start changed
+    + project: the compose project (the host's stack, or the lab's gateway)
+    + reload: services told to read their files again (SIGUSR2) instead of restarting
     """
-    stale = out_of_date(host.get_fact(ComposeStack, project_dir=project_dir, project=PROJECT), services)
+    stale = out_of_date(host.get_fact(ComposeStack, project_dir=project_dir, project=project), services)
     if not stale and not files_changed:
         host.noop(f"stack up to date: {', '.join(services)} running")
         return
-    base = _compose(project_dir)
+    base = _compose(project_dir, project)
     # --pull missing: images loaded from archives (air-gapped labs) are never pulled.
     yield StringCommand(*base, "up", "-d", "--pull", "missing", "--remove-orphans", "--wait", "--wait-timeout", "1800")
     if restart:
         yield StringCommand(*base, "restart", *restart)
+    # A container `up` just created reads its files as it starts (and may not yet handle the
+    # signal, whose default is to end the process): only the ones it left running reload.
+    reload = [service for service in reload or [] if service not in stale]
+    if reload:
+        yield StringCommand(*base, "kill", "-s", "USR2", *reload)

@@ -5,9 +5,11 @@
 Per host: each service's container and its health, the image it runs against the pinned
 one, the model file and its verification marker, the threads in the compose file against
 the physical cores, the URLs, and whether ``/v1/models`` lists the model right now (the
-deploy's own verify, one attempt). A host with any problem fails with the problems named,
-so the run exits non-zero; the others still report. The table (and ``report_path``'s
-JSON) comes from the deploy's report.
+deploy's own verify, one attempt). On the lab's gateway host: its containers and images,
+the model through the gateway, and which AI hosts are in its rotation (a host out of it is
+a problem). A host with any problem fails with the problems named, so the run exits
+non-zero; the others still report. The table (and ``report_path``'s JSON) comes from the
+deploy's report.
 """
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ from pyinfra.api import deploy, operation
 from pyinfra.context import state as current_state
 from pyinfra.facts.files import FileContents
 
-from backchat import addresses, model, outcomes, report, stack, transport, verify
-from backchat.addresses import api_urls, gui_url, public_address
+from backchat import addresses, gateway, model, outcomes, report, stack, transport, verify
+from backchat.addresses import api_urls, gateway_url, gui_url, public_address
 from backchat.facts import COMPOSE_PROJECT, ComposeProject, ModelFile, PhysicalCores, text_of
 from backchat.model_source import is_verified
-from backchat.run_settings import settings_for
+from backchat.run_settings import pool_hosts, role, settings_for
 from backchat.settings import DEFAULTS
 
 COLUMNS = ("host", "result", "containers", "model", "threads", "gui_url")
@@ -36,17 +38,22 @@ IMAGE_SETTINGS = {
     "chatbot-ui": "chatbot_ui_image",
     "frontdoor": "frontdoor_image",
 }
+# The same for the gateway's own project (its relay is the front door's nginx).
+GATEWAY_IMAGE_SETTINGS = {"gateway": "gateway_image", "relay": "frontdoor_image", "chatbot-ui": "chatbot_ui_image"}
 
 
-def containers(cfg, project: dict) -> tuple[list[dict], list[str]]:
-    """(one row per service: state, health, image and pinned image; the problems)."""
+def containers(cfg, project: dict, services: list[str] | None = None,
+               image_settings: dict[str, str] = IMAGE_SETTINGS) -> tuple[list[dict], list[str]]:
+    """(one row per service: state, health, image and pinned image; the problems).
+    ``services``: the project's (default: the host's stack)."""
+    services = services if services is not None else addresses.compose_services(cfg)
     if project["docker"] != "ok":
         why = "Docker is not installed" if project["docker"] == "missing" else f"Docker is {project['docker']}"
-        return [], [f"{why}: {', '.join(addresses.compose_services(cfg))} cannot be running"]
+        return [], [f"{why}: {', '.join(services)} cannot be running"]
     found = {row.get("service"): row for row in project["containers"]}
     rows, problems = [], []
-    for service in addresses.compose_services(cfg):
-        pinned = getattr(cfg, IMAGE_SETTINGS[service])
+    for service in services:
+        pinned = getattr(cfg, image_settings[service])
         row = found.get(service)
         if row is None:
             rows.append({"service": service, "state": "missing", "health": None, "image": None, "pinned": pinned})
@@ -58,7 +65,7 @@ def containers(cfg, project: dict) -> tuple[list[dict], list[str]]:
         elif row["health"] in ("unhealthy", "starting"):
             problems.append(f"{service} is running but {row['health']} ({row['status']})")
         if row["image"] != pinned:
-            problems.append(f"{service} runs {row['image']}, but {IMAGE_SETTINGS[service]} pins {pinned}")
+            problems.append(f"{service} runs {row['image']}, but {image_settings[service]} pins {pinned}")
     return rows, problems
 
 
@@ -176,9 +183,63 @@ def check(cfg):
     yield outcomes.failing_command("unhealthy: " + "; ".join(problems))
 
 
+def assess_gateway(cfg, project: dict, results: list, standings: list) -> tuple[dict, list[str]]:
+    """The gateway host's status from its containers and one round of verify's checks
+    through it: (report fields, problems). Every AI host out of rotation is a problem."""
+    rows, problems = containers(cfg, project, list(gateway.SERVICES), GATEWAY_IMAGE_SETTINGS)
+    problems += [f"gateway {result.service}: {result.detail}" for result in results if not result.ok]
+    problems += [f"{each.describe()} is out of the gateway's rotation" for each in standings if not each.in_rotation]
+    entry = {
+        "gateway_services": rows,
+        "gateway_containers": container_summary(rows) or "none",
+        "gateway_images": image_summary(rows) or "none running",
+        "gateway_url": gateway_url(cfg, public_address(cfg)),
+        "in_rotation": gateway.summary(standings) if standings else "unknown",
+    }
+    return entry, problems
+
+
+@operation(is_idempotent=False)
+def check_gateway(cfg, pool):
+    """
+    Report the lab's gateway against its settings, and which AI hosts are in its rotation.
+
+    + cfg: the gateway host's settings
+    + pool: the AI hosts behind it (gateway.Member)
+    """
+    if not current_state.is_executing:
+        host.noop("will report the gateway's containers, the model through it, and its rotation")
+        return
+    probe, address = verify.probe_for(cfg, host)
+    once = dataclasses.replace(cfg, verify_timeout=0, verify_chat=False)  # one attempt
+    results, standings = verify.check_gateway(once, gateway_url(cfg, address), probe,
+                                              lambda: verify.read_rotation(cfg, pool, host), [m.host for m in pool])
+    entry, problems = assess_gateway(cfg, host.get_fact(ComposeProject, project=gateway.PROJECT), results, standings)
+    previous = outcomes.records().get(host.name, {})
+    fields = {**entry, "containers": "; ".join(part for part in (previous.get("containers"), entry["gateway_containers"]) if part)}
+    if not previous.get("gui_url"):
+        fields["gui_url"] = entry["gateway_url"]
+    unhealthy = bool(problems) or previous.get("verify") == "unhealthy"
+    outcomes.record(host.name, verify="unhealthy" if unhealthy else "healthy", **fields)
+    for name in ("gateway_containers", "gateway_images", "gateway_url", "in_rotation"):
+        host.log_styled(f"{name}: {entry[name]}")
+    if not problems:
+        host.noop("healthy: the gateway runs its pinned images and every AI host is in rotation")
+        return
+    yield outcomes.failing_command("unhealthy: " + "; ".join(problems))
+
+
 @deploy("Backchat status", data_defaults=DEFAULTS)
 def status_backchat():
     cfg = settings_for(state, host)  # the same checks as the deploy: a typo is refused
     transport.prepare_run(state, host)  # TCP_NODELAY; no question when nothing changes; less CPU
     report.install(state, cfg.report_path, title="status", columns=COLUMNS)
-    check(name="Status of the stack, the model and /v1/models", cfg=cfg)
+    this = role(state.inventory, host)
+    if this.serves_ai:
+        check(name="Status of the stack, the model and /v1/models", cfg=cfg)
+    if this.runs_gateway:
+        check_gateway(name="Status of the lab's gateway and its rotation", cfg=cfg,
+                      pool=stack.gateway_pool(pool_hosts(state)))
+    if not (this.serves_ai or this.runs_gateway):
+        outcomes.record(host.name, verify="no stack (the lab's Backstage host)")
+        host.noop("the lab's Backstage host runs no stack")

@@ -167,6 +167,13 @@ def _needs_new(cert_path: Path, ca_cert, wanted: list[x509.GeneralName]) -> bool
     )
 
 
+def ca_certificate(ca_dir: str) -> str:
+    """The certificate (PEM) of the CA in ``ca_dir``, which the hosts' certificates are
+    checked against (made there first, if need be, as for any host)."""
+    _, cert = certificate_authority(ca_dir)
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
 def trust(cfg) -> str | bool:
     """What verify trusts for this host's HTTPS: our CA file, else the system's store."""
     if not behind_front_door(cfg):

@@ -4,7 +4,8 @@
     pyinfra inventory.py uninstall.py --data remove_model=true
 
 In order: ``docker compose down --volumes --remove-orphans`` for the ``backchat`` project
-only; Backstage's ``app-config.local.yaml`` back as it was (backstage.restored_config);
+(and the lab gateway's ``backchat-gateway``) only; Backstage's ``app-config.local.yaml``
+back as it was (backstage.restored_config);
 then the files backchat wrote, under its own directories only, and those directories if
 that leaves them empty. Nothing is followed through a symlink: a link at one of our names,
 or under one of our directories, is named and left alone. A second run changes nothing.
@@ -19,7 +20,7 @@ from pyinfra.api import QuoteString, StringCommand, deploy, operation
 from pyinfra.facts.files import FileContents
 from pyinfra.operations import files
 
-from backchat import backstage, localai_backend, model_change, outcomes, report, stack, tls, transport
+from backchat import backstage, gateway, localai_backend, model_change, outcomes, report, stack, tls, transport
 from backchat.own_paths import remove_own
 from backchat.facts import COMPOSE_PROJECT, ComposeProject, OwnPaths, text_of
 from backchat.run_settings import settings_for
@@ -29,13 +30,25 @@ COLUMNS = ("host", "result", "model")
 BACKUP_SUFFIX = ".backchat.bak"
 
 
+def gateway_paths() -> list[str]:
+    """What the deploy writes for the lab's gateway, relative to its directory, then its
+    directories (deepest first); the sockets are HAProxy's."""
+    return [
+        gateway.COMPOSE_FILE, ".env", gateway.CONFIG_FILE, gateway.RELAY_FILE,
+        f"{tls.HOST_DIR}/{gateway.PEM_FILE}", f"{tls.HOST_DIR}/{gateway.CA_FILE}",
+        f"run/{gateway.STATS_SOCKET}", "run/admin.sock", tls.HOST_DIR, "run", ".",
+    ]
+
+
 def stack_paths(cfg) -> list[str]:
     """What the deploy writes in stack_dir, relative to it, then its directories (deepest first)."""
     archives = [f"images/{path.rsplit('/', 1)[-1]}" for path in cfg.image_archives]
     return [
         "docker-compose.yaml", ".env", ".hf-token-header", "bin/fetch-model", *archives,
         stack.FRONTDOOR_CONF, f"{tls.HOST_DIR}/{tls.CERT_FILE}", f"{tls.HOST_DIR}/{tls.KEY_FILE}",
-        f"{tls.HOST_DIR}/{stack.DOOR_KEY_MAP}", "bin", "images", tls.HOST_DIR, ".",
+        f"{tls.HOST_DIR}/{stack.DOOR_KEY_MAP}",
+        *(f"{gateway.DIR}/{path}".removesuffix("/.") for path in gateway_paths()),
+        "bin", "images", tls.HOST_DIR, ".",
     ]
 
 
@@ -61,28 +74,29 @@ _DOWN = (
 
 
 @operation(is_idempotent=False)
-def compose_down(project_dir: str):
+def compose_down(project_dir: str, project: str = COMPOSE_PROJECT):
     """
-    Remove the backchat project's containers, networks and volumes (only that project's).
+    Remove a project's containers, networks and volumes (only that project's).
 
-    + project_dir: the stack directory holding its docker-compose.yaml, if still there
+    + project_dir: the directory holding its docker-compose.yaml, if still there
+    + project: backchat's stack, or the lab gateway's
     """
-    project = host.get_fact(ComposeProject, project=COMPOSE_PROJECT)
-    if project["docker"] == "missing":
+    held = host.get_fact(ComposeProject, project=project)
+    if held["docker"] == "missing":
         host.noop("Docker is not installed: no containers")
         return
-    if project["docker"] != "ok":
+    if held["docker"] != "ok":
         host.log_styled(
-            f"Docker is {project['docker']}: containers and volumes of project {COMPOSE_PROJECT}, "
+            f"Docker is {held['docker']}: containers and volumes of project {project}, "
             "if any, are left (start Docker and run uninstall.py again)",
             fg="yellow",
         )
         host.noop("Docker's daemon is not running")
         return
-    if not (project["containers"] or project["volumes"] or project["networks"]):
-        host.noop(f"Docker holds nothing of project {COMPOSE_PROJECT}")
+    if not (held["containers"] or held["volumes"] or held["networks"]):
+        host.noop(f"Docker holds nothing of project {project}")
         return
-    yield StringCommand("sh", "-c", QuoteString(_DOWN), "down", COMPOSE_PROJECT, QuoteString(project_dir))
+    yield StringCommand("sh", "-c", QuoteString(_DOWN), "down", project, QuoteString(project_dir))
 
 
 def restore_backstage_config(cfg) -> bool:
@@ -109,6 +123,8 @@ def uninstall_backchat():
     report.install(state, cfg.report_path, title="uninstall", columns=COLUMNS)
 
     compose_down(name="Remove the stack's containers, networks and volumes", project_dir=cfg.stack_dir)
+    compose_down(name="Remove the lab gateway's containers and networks", project_dir=gateway.directory(cfg),
+                 project=gateway.PROJECT)
     config_gone = restore_backstage_config(cfg)
     remove_own(name="Remove our Backstage files", root=cfg.backstage_app_dir, paths=backstage_paths(config_gone))
     remove_own(name="Remove the model config" + (" and the model" if cfg.remove_model else ""),

@@ -7,6 +7,10 @@ the check passes and fails only its own host when it does not.
 
 A backend can serve the model while the GUI cannot: Chatbot UI with a wrong key shows only
 "Error fetching models ... 500". So the GUI is asked too, the way its page asks it.
+
+On the lab's gateway host, the same checks go through the gateway, as users reach it (the
+model listed through the pool, the key refused at the door, the gateway's GUI), and
+HAProxy's own statistics say which AI hosts are in rotation.
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ from pyinfra import host, logger
 from pyinfra.api import FunctionCommand, operation
 from pyinfra.context import state as current_state
 
-from backchat import outcomes, tls
-from backchat.addresses import api_urls, connect_address, gui_service, gui_url, public_address
+from backchat import gateway, outcomes, tls
+from backchat.addresses import api_urls, connect_address, gateway_url, gui_service, gui_url, public_address
 from backchat.probes import Answer, ControllerProbe, HostProbe, Unreachable
 
 QUESTION = "Who was the president of the United States in 1997?"
@@ -258,6 +262,113 @@ def skipped_because(cfg) -> str | None:
     if cfg.verify_timeout == 0:
         return "verify_timeout = 0"
     return None
+
+
+# How long the gateway's checks may take to bring in the hosts verified a moment ago
+# (a few check intervals; an AI host that failed its own verify is not waited for).
+ROTATION_SECONDS = 60.0
+
+
+def read_rotation(cfg, pool: list[gateway.Member], checked_host) -> list[gateway.Standing]:
+    """Which hosts HAProxy sends requests to now: its statistics, read on the gateway host
+    (the socket is root's; curl over the SSH connection)."""
+    answer = HostProbe(checked_host, "").request(
+        "GET", gateway.STATS_URL, with_key=False, unix_socket=gateway.stats_socket(cfg))
+    if answer.status != 200:
+        raise Unreachable("other", f"HAProxy's statistics answered HTTP {answer.status}")
+    return gateway.rotation(answer.text, pool)
+
+
+def wait_for_rotation(read: Callable[[], list[gateway.Standing]], expected: list[str], timeout: float,
+                      on_wait: Callable[[str], None] | None = None) -> tuple[Result, list[gateway.Standing]]:
+    """Poll ``read()`` until every ``expected`` host is in rotation (and at least one is)."""
+    seen: list[gateway.Standing] = []
+
+    def attempt() -> tuple[bool, str, list[str]]:
+        try:
+            seen[:] = read()
+        except Unreachable as error:
+            return False, f"could not read HAProxy's statistics: {error}", []
+        missing = [each.host for each in seen if each.host in expected and not each.in_rotation]
+        ok = not missing and any(each.in_rotation for each in seen)
+        return ok, gateway.summary(seen), []
+
+    result = _poll("rotation", "HAProxy's statistics", attempt, timeout, on_wait, 30.0)
+    if result.ok:
+        result.detail = gateway.summary(seen)
+    return result, seen
+
+
+def check_gateway(cfg, url: str, probe, read_rotation_now, expected: list[str],
+                  on_wait: Callable[[str], None] | None = None) -> tuple[list[Result], list[gateway.Standing]]:
+    """The gateway at ``url`` as a user reaches it: the model through the pool, the key
+    refused at the door, the GUI over the pool; then which hosts are in rotation."""
+    through = wait_for_model("gateway", url, cfg.model_id, probe, cfg.verify_timeout, on_wait)
+    if through.ok and cfg.api_key:
+        problem = key_is_enforced(url, probe)
+        if problem:
+            through.ok, through.detail = False, f"{problem} (at the gateway's door)"
+    results = [through]
+    if through.ok:
+        results.append(wait_for_gui(cfg, url, probe, on_wait))
+    rotation, standings = wait_for_rotation(read_rotation_now, expected, min(cfg.verify_timeout, ROTATION_SECONDS),
+                                            on_wait)
+    results.append(rotation)
+    return results, standings
+
+
+@operation(is_idempotent=False)
+def through_gateway(cfg, pool):
+    """
+    Check the lab's gateway as users reach it, and which AI hosts are in its rotation.
+
+    + cfg: the gateway host's settings
+    + pool: the AI hosts behind it (gateway.Member)
+    """
+    entry = {"gateway_url": gateway_url(cfg, public_address(cfg)), "model_id": cfg.model_id}
+    previous = outcomes.records().get(host.name, {})
+    if not previous.get("gui_url"):  # a gateway alone: its GUI is the one users open
+        entry["gui_url"] = entry["gateway_url"]
+    if not cfg.start or cfg.verify_timeout == 0:
+        outcomes.record(host.name, **entry)
+        host.noop("gateway not verified: " + ("start = False" if not cfg.start else "verify_timeout = 0"))
+        return
+    probe, address = probe_for(cfg, host)
+    url = gateway_url(cfg, address)
+    if not current_state.is_executing:
+        host.noop(f"will check /v1/models and the GUI through the gateway at {url}, and which of "
+                  f"{', '.join(member.host for member in pool)} are in rotation")
+        return
+
+    started = time.monotonic()
+    # The hosts whose own verify passed in this run must be in rotation (the gateway's
+    # verify runs after theirs); a host that failed is named, not waited for.
+    expected = [member.host for member in pool if outcomes.records().get(member.host, {}).get("verify") == "pass"]
+    results, standings = check_gateway(cfg, url, probe, lambda: read_rotation(cfg, pool, host), expected, host.log)
+    ok = all(result.ok for result in results)
+    details = [f"gateway {r.service}: {r.detail}" for r in results if r.detail and not r.ok]
+    outcomes.record(
+        host.name,
+        verify="fail" if not ok else previous.get("verify", "pass"),
+        in_rotation=gateway.summary(standings) if standings else "unknown",
+        seconds=previous.get("seconds", round(time.monotonic() - started, 1)),
+        detail="; ".join(part for part in (previous.get("detail", ""), *details) if part),
+        **entry,
+    )
+    if ok:
+        _report_gateway(None, host, cfg, results)
+        host.noop(f"the gateway serves {cfg.model_id} from {sum(each.in_rotation for each in standings)} host(s)")
+        return
+    yield FunctionCommand(_report_gateway, (cfg, results), {})
+
+
+def _report_gateway(state, host, cfg, results: list[Result]) -> bool:
+    """The checks through the gateway, then its rotation (the last result)."""
+    *through, rotation = results
+    _report_results(state, host, cfg, through)
+    line = f"gateway {rotation.service}: {rotation.detail}"
+    host.log_styled(line, fg="green" if rotation.ok else "red", log_func=logger.info if rotation.ok else logger.error)
+    return all(result.ok for result in results)
 
 
 @operation(is_idempotent=False)

@@ -102,6 +102,12 @@
 # Seconds a streamed answer may take through the door (a 7B model on CPU is slow).
 # proxy_timeout = 1800
 
+# --- The lab's gateway (a host in inventory.py's `gateway` group) -----------------
+# One HTTPS endpoint for the whole lab: the GUI at /, the OpenAI API at /v1, spread over
+# every AI host's API (HAProxy: least connections, a host in rotation only while its
+# /v1/models lists the model, the key checked at the door). Backstage points at it.
+# gateway_port = 443
+
 # --- Images (pinned; point them at a private registry for air-gapped labs) -------
 # localai_image = 'localai/localai:v4.9.0'
 # chatbot_ui_image = 'ghcr.io/mckaywrigley/chatbot-ui:main'
@@ -110,6 +116,8 @@
 # llamacpp_image = 'ghcr.io/ggml-org/llama.cpp:server-b11206'
 # The front door: nginx's stable line (the official image, Debian-based, with curl).
 # frontdoor_image = 'nginx:1.30.4'
+# The gateway: HAProxy's newest LTS (3.4; the tests run Debian 12's 2.6 with the same file).
+# gateway_image = 'haproxy:3.4.2'
 # Image tarballs on the controller (docker save ...) to `docker load` on hosts with no
 # registry access. Their tags must match the image settings above.
 # image_archives = []

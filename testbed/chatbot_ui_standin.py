@@ -9,6 +9,8 @@ the OpenAI model ids the app knows. ``GET /`` answers a page. Nothing else of th
 here: the chat itself is not.
 
 Run as the image's entrypoint: ``python3 -c CODE`` (the image is Debian sid with python3).
+It listens on 3000, as the app does (``$PORT`` elsewhere: the gateway's test runs it beside
+other servers).
 """
 
 from pathlib import Path
@@ -46,7 +48,7 @@ class Handler(BaseHTTPRequestHandler):
         models = [{"id": m["id"], "name": m["id"]} for m in listed if m.get("id") in OPENAI_IDS]
         self.answer(200, "application/json", json.dumps(models).encode())
 
-ThreadingHTTPServer(("0.0.0.0", 3000), Handler).serve_forever()
+ThreadingHTTPServer(("0.0.0.0", int(os.environ.get("PORT", "3000"))), Handler).serve_forever()
 '''
 
 

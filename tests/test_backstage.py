@@ -513,6 +513,73 @@ def test_one_box_keeps_the_plain_names():
     assert names == {"backchat", "backchat-localai", "backchat-chatbot-ui", "backchat-localai-api"}
 
 
+# --- a lab with a gateway: Backstage points at it ------------------------------------------
+
+
+def door_of(key=None, **overrides):
+    return backstage.Door(make_cfg(tls=True, api_key=key, **overrides), "gw.lab", "gw")
+
+
+def test_with_a_gateway_every_url_is_the_gateways():
+    """ai_server.url, the CSP's frame-src and connect-src: the gateway's https origin, not
+    a host's (the Backchat page frames the gateway's GUI, the API goes through it)."""
+    ours = backstage.lab_config(make_cfg(ai_server_host="ai-02"), lab_of("ai-01", "ai-02"), door=door_of())
+    assert ours["ai_server"]["url"] == "https://gw.lab"
+    assert ours["backend"]["csp"]["frame-src"] == ["'self'", "https://gw.lab"]
+    assert ours["backend"]["csp"]["connect-src"] == ["'self'", "https://gw.lab"]
+    assert "upgrade-insecure-requests" not in ours["backend"]["csp"]
+    port = backstage.lab_config(make_cfg(), lab_of("ai-01"), door=door_of(gateway_port=8443))
+    assert port["ai_server"]["url"] == "https://gw.lab:8443"
+
+
+def test_with_a_gateway_and_a_key_the_one_proxy_endpoint_is_the_gateway():
+    from backchat.secrets import Secret
+
+    key = Secret("sk-lab-key-0123456789")
+    ours = backstage.lab_config(make_cfg(api_key=key), lab_of("ai-01", "ai-02", key=key), door=door_of(key))
+    assert ours["proxy"]["endpoints"] == {"/backchat-gateway": {
+        "target": "https://gw.lab", "headers": {"Authorization": "Bearer ${BACKCHAT_API_KEY}"},
+        "allowedMethods": ["GET", "POST"], "credentials": "require"}}
+    # A host's old endpoint goes when the gateway arrives (named like ours).
+    before = backstage.lab_config(make_cfg(api_key=key), lab_of("ai-01", key=key))
+    assert set(backstage.merge(before, ours)["proxy"]["endpoints"]) == {"/backchat-gateway"}
+
+
+def test_with_a_gateway_the_catalog_has_one_api_at_the_gateway_and_the_hosts_behind_it():
+    from backchat.secrets import Secret
+
+    key = Secret("sk-lab-key-0123456789")
+    served = lab_of("ai-01", "ai-02", key=key)
+    catalog = backstage.render_lab_catalog(served, "https://portal.lab", door=door_of(key))
+    entities = {entity["metadata"]["name"]: entity for entity in yaml.safe_load_all(catalog) if entity}
+    apis = [name for name, entity in entities.items() if entity["kind"] == "API"]
+    assert apis == ["backchat-gateway-api"]
+    definition = yaml.safe_load(entities["backchat-gateway-api"]["spec"]["definition"])
+    assert [server["url"] for server in definition["servers"]] == [
+        "https://portal.lab/api/proxy/backchat-gateway/v1", "https://gw.lab/v1"]
+    assert "load-balanced over every AI host" in definition["info"]["description"]
+    gateway = entities["backchat-gateway"]["spec"]
+    assert gateway["providesApis"] == ["backchat-gateway-api"]
+    assert gateway["dependsOn"] == ["component:backchat-ai-01-localai", "component:backchat-ai-02-localai"]
+    assert entities["backchat"]["metadata"]["links"] == [
+        {"url": "https://gw.lab", "title": "Chat (every AI host, through the gateway)", "icon": "chat"}]
+    for name in ("backchat-ai-01-localai", "backchat-ai-01-chatbot-ui"):
+        spec = entities[name]["spec"]
+        assert "providesApis" not in spec and "consumesApis" not in spec, name
+    assert entities["backchat-ai-01-chatbot-ui"]["spec"]["dependsOn"] == ["component:backchat-ai-01-localai"]
+    for name in entities:
+        assert len(name) <= backstage.ENTITY_NAME_MAX
+    assert key.reveal() not in catalog
+
+
+def test_an_ai_host_describing_itself_points_at_the_gateway_too():
+    ours = backstage.lab_config(make_cfg(), backstage.one_box(make_cfg(), ADDRESS), door=door_of())
+    assert ours["ai_server"]["url"] == "https://gw.lab"
+    names = {entity["metadata"]["name"] for entity in yaml.safe_load_all(
+        backstage.render_lab_catalog(backstage.one_box(make_cfg(), ADDRESS), door=door_of())) if entity}
+    assert names == {"backchat", "backchat-gateway", "backchat-gateway-api", "backchat-localai", "backchat-chatbot-ui"}
+
+
 # --- uninstall: app-config.local.yaml back as it was --------------------------------------
 
 THEIR_LOCAL = (

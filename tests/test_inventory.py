@@ -11,25 +11,28 @@ from testbed.deploy_runner import PROJECT
 
 
 def groups(monkeypatch, **env):
-    for name in ("BACKCHAT_HOSTS", "BACKCHAT_VAGRANT", "BACKCHAT_BACKSTAGE"):
+    for name in ("BACKCHAT_HOSTS", "BACKCHAT_VAGRANT", "BACKCHAT_BACKSTAGE", "BACKCHAT_GATEWAY"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     namespace = runpy.run_path(str(PROJECT / "inventory.py"))
-    return {name: namespace[name] for name in ("workstations", "lab", "vagrant", "backstage")}
+    return {name: namespace[name] for name in ("workstations", "lab", "vagrant", "backstage", "gateway")}
 
 
 def test_no_hosts_means_this_machine(monkeypatch):
-    assert groups(monkeypatch) == {"workstations": ["@local"], "lab": [], "vagrant": [], "backstage": []}
+    assert groups(monkeypatch) == {"workstations": ["@local"], "lab": [], "vagrant": [], "backstage": [], "gateway": []}
 
 
 def test_fleet_from_the_environment(monkeypatch):
-    found = groups(monkeypatch, BACKCHAT_HOSTS="ai-01,ai-02,ai-03", BACKCHAT_BACKSTAGE="portal.lab")
-    assert found == {"workstations": [], "lab": ["ai-01", "ai-02", "ai-03"], "vagrant": [], "backstage": ["portal.lab"]}
+    found = groups(monkeypatch, BACKCHAT_HOSTS="ai-01,ai-02,ai-03", BACKCHAT_BACKSTAGE="portal.lab",
+                   BACKCHAT_GATEWAY="gw.lab")
+    assert found == {"workstations": [], "lab": ["ai-01", "ai-02", "ai-03"], "vagrant": [], "backstage": ["portal.lab"],
+                     "gateway": ["gw.lab"]}
 
 
 def test_a_backstage_host_alone_does_not_make_this_machine_an_ai_host(monkeypatch):
     assert groups(monkeypatch, BACKCHAT_BACKSTAGE="portal.lab")["workstations"] == []
+    assert groups(monkeypatch, BACKCHAT_GATEWAY="gw.lab")["workstations"] == []
 
 
 def test_vagrant_box(monkeypatch):

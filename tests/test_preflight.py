@@ -65,3 +65,13 @@ def test_docker_users_must_exist():
     (problem,) = preflight.user_problems(["bob"])
     assert "bob" in problem and "never creates accounts" in problem
 
+
+
+def test_a_gateway_alone_needs_its_port_and_no_memory_for_the_model(cfg):
+    assert preflight.wanted_ports(cfg, serves_ai=False, runs_gateway=True) == {443: "gateway_port"}
+    assert preflight.wanted_ports(cfg, serves_ai=True, runs_gateway=True) == {
+        8080: "localai_port", 3001: "chatbot_ui_port", 443: "gateway_port"}
+    assert preflight.problems(cfg, os_info(), 1000, serves_ai=False) == []
+    found = preflight.port_problems(cfg, {443: "apache2", 8080: "nginx"}, stack_exists=False, serves_ai=False,
+                                    runs_gateway=True)
+    assert found == ["port 443 (gateway_port) is already in use by apache2. Fix: stop it, or set gateway_port to a free port"]

@@ -41,3 +41,13 @@ def test_the_report_says_which_ca_to_trust():
     table = report.format_table(rows)
     assert table.count("must trust /root/.config/backchat/ca/ca.crt") == 1, table
     assert "NODE_EXTRA_CA_CERTS" in table
+
+
+def test_the_report_shows_the_gateways_urls_and_who_is_in_rotation():
+    rows = [{"host": "gw", "result": "ok", "gateway_url": "https://gw.lab",
+             "in_rotation": "in rotation: ai-01, ai-02; out: ai-03 (DOWN: L4CON, Connection refused)"}]
+    table = report.format_table(rows)
+    assert ("The lab's one endpoint (gateway gw): https://gw.lab (the GUI) and https://gw.lab/v1 (the OpenAI API, "
+            "with the key); in rotation: ai-01, ai-02; out: ai-03 (DOWN: L4CON, Connection refused)") in table
+    rows[0]["failure"] = "could not connect"
+    assert "one endpoint" not in report.format_table(rows)

@@ -116,3 +116,99 @@ def test_pyinfras_own_groups_do_not_make_a_backstage_host_an_ai_host():
     both = FakeInventory([FakeHost("ai-01", ["lab", "backstage"]), FakeHost("ai-02", ["lab"])])
     assert run_settings.role(both, both[0]) == run_settings.Role(serves_ai=True, writes_backstage=True)
     assert run_settings.role(both, both[1]) == run_settings.Role(serves_ai=True, writes_backstage=False)
+
+
+# --- the lab's gateway ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "groups, expected",
+    [
+        (["gateway"], (False, False, True)),  # the gateway only: no stack, no Backstage config
+        (["lab", "gateway"], (True, True, True)),  # an AI host that is the gateway too
+        (["backstage", "gateway"], (False, True, True)),  # the portal holds the gateway
+    ],
+)
+def test_the_gateway_role_from_groups(groups, expected):
+    this = FakeHost("this", list(groups))
+    inventory = FakeInventory([this, FakeHost("ai-01", ["lab"])])
+    role = run_settings.role(inventory, this)
+    assert (role.serves_ai, role.writes_backstage, role.runs_gateway) == expected
+    # The AI host: the stack, and its own Backstage config unless the lab has a Backstage host.
+    assert run_settings.role(inventory, inventory[1]) == run_settings.Role(True, "backstage" not in groups, False)
+
+
+def test_the_gateway_balances_every_ai_host_and_is_found():
+    hosts = [FakeHost("ai-01", ["lab"]), FakeHost("gw", ["gateway"]), FakeHost("ai-02", ["lab"])]
+    inventory = FakeInventory(hosts)
+    run_settings.validate_inventory(inventory)
+
+    class State:
+        pass
+
+    state = State()
+    state.inventory = inventory
+    found = run_settings.lab_gateway(state)
+    assert found[0].name == "gw" and found[1].gateway_port == 443
+    assert [each.name for each, _ in run_settings.pool_hosts(state)] == ["ai-01", "ai-02"]
+
+
+def refusal(hosts) -> str:
+    with pytest.raises(SettingsError) as refused:
+        run_settings.validate_inventory(FakeInventory(hosts))
+    message = str(refused.value)
+    assert "(nothing was changed)" in message and "Fix:" in message
+    return message
+
+
+def test_two_gateways_are_refused_before_any_host_is_touched():
+    message = refusal([FakeHost("ai-01", ["lab"]), FakeHost("gw-1", ["gateway"]), FakeHost("gw-2", ["gateway"])])
+    assert "the gateway group holds 2 hosts (gw-1, gw-2); a lab has one gateway" in message
+
+
+def test_a_gateway_without_ai_hosts_is_refused():
+    assert "and there are none" in refusal([FakeHost("gw", ["gateway"])])
+
+
+def test_a_gateway_needs_chatbot_ui_as_its_gui():
+    message = refusal([FakeHost("ai-01", ["lab"]), FakeHost("gw", ["gateway"], {"frontend": "textgen", "backend": "textgen"})])
+    assert "frontend = 'textgen'" in message and "Fix: frontend = 'chatbot-ui'" in message
+
+
+def test_a_gateway_cannot_reach_hosts_that_listen_on_loopback():
+    message = refusal([FakeHost("ai-01", ["lab"], {"bind_address": "127.0.0.1"}), FakeHost("ai-02", ["lab"]),
+                       FakeHost("gw", ["gateway"])])
+    assert "cannot reach ai-01: their services listen on loopback only" in message
+
+
+def test_a_gateway_checks_one_model_on_every_host():
+    message = refusal([FakeHost("ai-01", ["lab"]), FakeHost("ai-02", ["lab"], {"model_id": "gpt-4"}),
+                       FakeHost("gw", ["gateway"])])
+    assert "ai-01: gpt-3.5-turbo, ai-02: gpt-4" in message
+
+
+def test_a_gateway_sends_one_key_to_every_host(tmp_path, monkeypatch):
+    monkeypatch.delenv("BACKCHAT_API_KEY")
+    other = tmp_path / "other"
+    other.write_text("sk-another-lab-key-0123456789\n")
+    other.chmod(0o600)
+    monkeypatch.setenv("HOME", str(tmp_path))  # the default key file: generated here, once
+    message = refusal([FakeHost("ai-01", ["lab"]), FakeHost("ai-02", ["lab"], {"api_key_file": str(other)}),
+                       FakeHost("gw", ["gateway"])])
+    assert "ai-02 expect another key" in message and "sk-another" not in message
+    # A host without a key accepts the gateway's; a gateway without a key cannot pass one on.
+    run_settings.validate_inventory(FakeInventory([FakeHost("ai-01", ["lab"], {"auth": False}), FakeHost("gw", ["gateway"])]))
+    assert "ai-01 expect another key" in refusal([FakeHost("ai-01", ["lab"]), FakeHost("gw", ["gateway"], {"auth": False})])
+
+
+def test_a_gateway_that_is_an_ai_host_needs_its_own_port():
+    message = refusal([FakeHost("ai-01", ["lab", "gateway"], {"gateway_port": 3001}), FakeHost("ai-02", ["lab"])])
+    assert "gateway_port = 3001 is also chatbot-ui's port on this host" in message
+    # A gateway that is not an AI host may use any port.
+    run_settings.validate_inventory(FakeInventory([FakeHost("ai-01", ["lab"]), FakeHost("gw", ["gateway"], {"gateway_port": 3001})]))
+
+
+def test_a_gateway_checks_every_host_against_one_ca(tmp_path):
+    message = refusal([FakeHost("ai-01", ["lab"]), FakeHost("ai-02", ["lab"], {"tls_ca_dir": str(tmp_path / "other")}),
+                       FakeHost("gw", ["gateway"])])
+    assert "their tls_ca_dir differ" in message and "Fix: one tls_ca_dir for the whole lab" in message

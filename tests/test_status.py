@@ -122,3 +122,33 @@ def test_assess_gathers_the_urls_and_every_problem(cfg):
     entry, problems = status.assess(cfg, project(), model_state(None), None, CORES)
     assert entry["containers"] == "localai missing, chatbot-ui missing"
     assert len(problems) == 4 and "NOT verified" in entry["model"]
+
+
+# --- the lab's gateway -----------------------------------------------------------------------
+
+
+def test_a_gateway_running_its_pins_with_every_host_in_rotation_is_healthy(cfg):
+    from backchat.gateway import Standing
+    from backchat.verify import Result
+
+    rows = project(running("gateway", cfg.gateway_image, health=None), running("relay", cfg.frontdoor_image, health=None),
+                   running("chatbot-ui", cfg.chatbot_ui_image, health=None))
+    results = [Result("gateway", "https://gw", True, 0.1), Result("rotation", "stats", True, 0.0)]
+    standings = [Standing("ai-01", "UP", "L7OK/200", ""), Standing("ai-02", "UP", "L7OK/200", "")]
+    entry, problems = status.assess_gateway(cfg, rows, results, standings)
+    assert problems == []
+    assert entry["gateway_containers"] == "gateway running, relay running, chatbot-ui running"
+    assert entry["in_rotation"] == "in rotation: ai-01, ai-02" and entry["gateway_url"] == "http://ai-01.lab:443"
+
+
+def test_a_host_out_of_the_gateways_rotation_and_an_unpinned_gateway_are_named(cfg):
+    from backchat.gateway import Standing
+    from backchat.verify import Result
+
+    rows = project(running("gateway", "haproxy:2.6", health=None), running("relay", cfg.frontdoor_image, health=None))
+    results = [Result("gateway", "https://gw", True, 0.1), Result("rotation", "stats", False, 0.0, detail="x")]
+    standings = [Standing("ai-01", "UP", "L7OK/200", ""), Standing("ai-02", "DOWN", "L7RSP", "HTTP content check did not match")]
+    _, problems = status.assess_gateway(cfg, rows, results, standings)
+    assert "gateway runs haproxy:2.6, but gateway_image pins haproxy:3.4.2" in problems
+    assert "chatbot-ui has no container (not started: start = False, or removed)" in problems
+    assert "ai-02 (DOWN: L7RSP, HTTP content check did not match) is out of the gateway's rotation" in problems

@@ -90,3 +90,28 @@ def test_the_paths_are_what_the_deploy_writes():
         "app-config.local.yaml.backchat.bak", "backchat-catalog.yaml", "."
     ]
     assert uninstall.backstage_paths(config_gone=True)[0] == "app-config.local.yaml"
+
+
+def test_the_gateways_files_and_sockets_go_and_its_directory_with_them(tmp_path):
+    """A gateway host's tree as the deploy and HAProxy leave it (HAProxy's sockets too)."""
+    import socket
+
+    root = tmp_path / "stack"
+    gateway_dir = root / "gateway"
+    for name in ("tls", "run"):
+        (gateway_dir / name).mkdir(parents=True)
+    for name in ("docker-compose.yaml", ".env", "haproxy.cfg", "relay.conf", "tls/gateway.pem", "tls/ca.crt"):
+        (gateway_dir / name).write_text("x")
+    listeners = []
+    for name in ("stats.sock", "admin.sock"):
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(str(gateway_dir / "run" / name))
+        listeners.append(listener)
+    paths = uninstall.stack_paths(make_cfg())
+    assert paths[paths.index("gateway") + 1:] == ["bin", "images", "tls", "."]
+    found = own_paths("list", root, *paths)
+    assert found["gateway/run/stats.sock"] == "socket" and uninstall.removals(found, ["gateway/run/stats.sock"])
+    own_paths("remove", root, *paths)
+    for listener in listeners:
+        listener.close()
+    assert not root.exists()

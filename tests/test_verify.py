@@ -96,3 +96,62 @@ def test_a_gui_that_cannot_show_the_model_fails_the_host(status, body, words):
     assert results[0].ok and not results[-1].ok
     for word in words:
         assert word in results[-1].detail, results[-1].detail
+
+
+# --- through the lab's gateway -------------------------------------------------------------
+
+
+def _standings(*pairs):
+    from backchat.gateway import Standing
+
+    return [Standing(host, status, "L7OK/200" if status == "UP" else "L4CON", "") for host, status in pairs]
+
+
+def test_the_gateway_is_checked_as_users_reach_it_and_reports_its_rotation():
+    from backchat.verify import check_gateway
+
+    probe = _Stack()
+    cfg = make_cfg(backend="llamacpp", api_key="sk-0123456789abcdef", verify_timeout=5)
+    results, standings = check_gateway(cfg, "https://gw.lab", probe,
+                                       lambda: _standings(("ai-01", "UP"), ("ai-02", "UP")), ["ai-01", "ai-02"])
+    assert [r.service for r in results] == ["gateway", "chatbot-ui", "rotation"] and all(r.ok for r in results)
+    assert results[-1].detail == "in rotation: ai-01, ai-02"
+    assert ("GET", "/v1/models", True) in probe.asked  # through the pool, with the key
+    assert ("POST", "/v1/chat/completions", False) in probe.asked  # refused at the door without it
+    assert ("POST", "/api/models", False) in probe.asked  # the gateway's GUI
+
+
+def test_a_host_verified_a_moment_ago_but_out_of_rotation_fails_the_gateway():
+    """The host serves the model to the controller, but the gateway cannot reach or check
+    it (a firewall, its name, its certificate): the gateway's verify says so."""
+    from backchat.verify import check_gateway
+
+    cfg = make_cfg(backend="llamacpp", verify_timeout=1)
+    read = lambda: _standings(("ai-01", "UP"), ("ai-02", "DOWN"))  # noqa: E731
+    results, _ = check_gateway(cfg, "https://gw.lab", _Stack(), read, ["ai-01", "ai-02"])
+    assert not results[-1].ok and "out: ai-02 (DOWN: L4CON)" in results[-1].detail
+    # A host that failed its own deploy is named, not waited for.
+    results, _ = check_gateway(cfg, "https://gw.lab", _Stack(), read, ["ai-01"])
+    assert results[-1].ok and results[-1].detail == "in rotation: ai-01; out: ai-02 (DOWN: L4CON)"
+
+
+def test_a_gateway_with_nobody_in_rotation_fails():
+    from backchat.verify import wait_for_rotation
+
+    result, _ = wait_for_rotation(lambda: _standings(("ai-01", "DOWN")), [], 1)
+    assert not result.ok and "in rotation: none" in result.detail
+
+
+def test_a_gateway_that_lets_a_request_without_the_key_through_fails():
+    from backchat.probes import Answer
+    from backchat.verify import check_gateway
+
+    class _Open(_Stack):
+        def request(self, method, url, with_key=True, body=None, timeout=10.0):
+            if url.endswith("/v1/chat/completions"):
+                return Answer(200, "{}")
+            return super().request(method, url, with_key, body, timeout)
+
+    cfg = make_cfg(backend="llamacpp", api_key="sk-0123456789abcdef", verify_timeout=1)
+    results, _ = check_gateway(cfg, "https://gw.lab", _Open(), lambda: _standings(("ai-01", "UP")), ["ai-01"])
+    assert not results[0].ok and "not enforced (at the gateway's door)" in results[0].detail

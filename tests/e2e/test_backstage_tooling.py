@@ -354,6 +354,46 @@ def test_catalog_passes_backstage_validation_and_rules(npm_root, tmp_path, combo
     }
 
 
+def test_a_lab_behind_a_gateway_passes_config_check_and_the_catalogs_validation(npm_root, tmp_path):
+    """Issue 15: a lab's Backstage config and catalog with a gateway, as a ``backstage``
+    host writes them: Backstage's schema accepts the config, and its catalog accepts the
+    gateway's Component and the lab's one API (the proxy endpoint first, then the gateway),
+    with the hosts' Components behind it."""
+    root = app_dir(tmp_path)
+
+    def lab(key: str | None):
+        served = backstage.lab([(name, make_cfg(api_key=key), f"{name}.lab") for name in ("ai-01", "ai-02")])
+        return served, backstage.Door(make_cfg(tls=True, api_key=key), "gw.lab", "gw")
+
+    base = root / "app-config.yaml"
+    shutil.copy(PROJECT / "app-config.yaml", base)
+    local = root / backstage.CONFIG_FILE
+    # Without a key (these installed schemas have no proxy plugin; test_backstage_backend runs
+    # the proxy endpoint for real).
+    served, door = lab(None)
+    local.write_text(backstage.render_lab_config(None, make_cfg(backstage_app_dir=str(root)), served, base.read_text(), door))
+    done = config_check(npm_root, base, local)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert yaml.safe_load(local.read_text())["ai_server"]["url"] == "https://gw.lab"
+    catalog = root / backstage.CATALOG_FILE
+    served, door = lab("sk-test-12345678")
+    catalog.write_text(backstage.render_lab_catalog(served, "", door))
+    report = node_json(npm_root, "check-catalog.js", "--catalog", str(catalog), "--config", str(base), "--config", str(local))
+    assert report["errors"] == []
+    entities = {entity["ref"]: entity for entity in report["entities"]}
+    for entity in entities.values():
+        assert entity["errors"] == [] and entity["allowed"] is True, entity
+    assert set(entities) == {"system:default/backchat", "component:default/backchat-gateway",
+                             "api:default/backchat-gateway-api"} | {
+        f"component:default/backchat-{name}-{service}" for name in ("ai-01", "ai-02") for service in ("localai", "chatbot-ui")}
+    api = entities["api:default/backchat-gateway-api"]
+    assert api["openapi"]["valid"] is True and api["openapi"]["servers"] == [
+        "/api/proxy/backchat-gateway/v1", "https://gw.lab/v1"]
+    relations = entities["component:default/backchat-gateway"]["relations"]
+    assert {"type": "providesApi", "target": "api:default/backchat-gateway-api"} in relations
+    assert {"type": "dependsOn", "target": "component:default/backchat-ai-02-localai"} in relations
+
+
 CATALOG_BREAKAGES = {
     "bad-name": (lambda entities: entities[1]["metadata"].__setitem__("name", "backchat localai"), "metadata.name"),
     "no-owner": (lambda entities: entities[1]["spec"].pop("owner"), "owner"),

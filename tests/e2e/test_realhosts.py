@@ -19,9 +19,10 @@ import pytest
 import yaml
 from cryptography import x509
 
-from backchat import secrets, stack
+from backchat import gateway, secrets, stack
 from tests.cfg import make_cfg
 from testbed.deploy_runner import PROJECT, run_deploy, sandbox_data, write_inventory
+from testbed.proxies import HAPROXY, check_haproxy, require
 from testbed.hub import FakeHub
 from testbed.sandbox import GATEWAY
 from testbed.tiny_gguf import write_tiny_gguf
@@ -460,3 +461,92 @@ def test_one_backstage_host_describes_the_whole_lab(fleet, hub, tmp_path):
     again = run_deploy(inventory, *data, env=env)
     assert again.returncode == 0, again
     assert again.changed_ops() == [], again.changed_ops()
+
+
+def test_a_gateway_host_gets_the_gateway_and_backstage_points_at_it(fleet, hub, tmp_path):
+    """Issue 15: the ``gateway`` group's host gets the lab's gateway (its own compose
+    project, HAProxy's config over every AI host, the relay, its certificate) and no stack;
+    each AI host's Backstage config points at the gateway. An AI host added to the
+    inventory joins the pool on the next run. What HAProxy does with that file is
+    tests/e2e/test_gateway.py; here, the file the deploy wrote is accepted by HAProxy. A
+    re-run changes nothing; status.py names what is wrong on the gateway host (no Docker
+    daemon runs here); uninstall.py takes the gateway away."""
+    ai_1, ai_2, door = fleet[1], fleet[2], fleet[3]
+    key = "sk-gateway-lab-SECRET-0123456789"
+    for host in (ai_1, ai_2, door):
+        host.run("rm -rf /opt/backchat/backstage /opt/backchat/gateway")
+
+    def lab_of(*hosts):
+        return write_inventory(
+            tmp_path / "inventory.py",
+            {host.name: {**host.pyinfra_data(), "public_address": f"{host.name}.lab.test"} for host in hosts},
+            gateway={door.name: {**door.pyinfra_data(), "public_address": "gw.lab.test"}},
+        )
+
+    data = [item for item in deploy_data(hub) if not item.startswith("public_address=")]
+    env = {**os.environ, "BACKCHAT_API_KEY": key}
+    one = run_deploy(lab_of(ai_1), *data, env=env)
+    assert one.returncode == 0, one
+    config = door.run("cat /opt/backchat/gateway/haproxy.cfg").stdout
+    assert f"server {ai_1.name} " in config and f"server {ai_2.name} " not in config
+    inventory = lab_of(ai_1, ai_2)  # a host added to the lab
+    run = run_deploy(inventory, *data, env=env)
+    assert run.returncode == 0, run
+    assert run.changed_ops(door.name) == ["Backchat | Write gateway/haproxy.cfg"], run.changed_ops(door.name)
+
+    directory = "/opt/backchat/gateway"
+    listing = door.run(f"cd {directory} && stat -c '%n %a' haproxy.cfg relay.conf docker-compose.yaml .env "
+                       "tls tls/gateway.pem tls/ca.crt run").stdout.split("\n")
+    assert [line for line in listing if line] == [
+        "haproxy.cfg 644", "relay.conf 644", "docker-compose.yaml 644", ".env 600",
+        "tls 700", "tls/gateway.pem 600", "tls/ca.crt 644", "run 700"]
+    assert door.run("test -e /opt/backchat/docker-compose.yaml", check=False).returncode != 0, "the gateway got a stack"
+    config = door.run(f"cat {directory}/haproxy.cfg").stdout
+    servers = [line.split("#")[0].split()[1:3] for line in config.splitlines() if line.strip().startswith("server ai-")]
+    assert servers == [[host.name, f"{host.name}.lab.test:8080"] for host in (ai_1, ai_2)], config
+    assert f"verifyhost {ai_1.name}.lab.test" in config and key not in config
+    compose = yaml.safe_load(door.run(f"cat {directory}/docker-compose.yaml").stdout)
+    assert compose["name"] == gateway.PROJECT and compose["services"]["gateway"]["ports"] == ["0.0.0.0:443:443"]
+    # The certificate names the gateway as browsers call it.
+    pem = door.run(f"cat {directory}/tls/gateway.pem").stdout
+    cert = x509.load_pem_x509_certificate(pem.encode())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "gw.lab.test" in names.get_values_for_type(x509.DNSName)
+
+    # HAProxy accepts the file as written (the container's paths made this machine's).
+    require(HAPROXY, "haproxy")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "tls").mkdir()
+    for name in ("gateway.pem", "ca.crt"):
+        (tmp_path / "tls" / name).write_text(door.run(f"cat {directory}/tls/{name}").stdout)
+    local = (config.replace(gateway.CONTAINER_TLS_DIR, str(tmp_path / "tls"))
+             .replace(gateway.CONTAINER_RUN_DIR, str(tmp_path / "run")))
+    (tmp_path / "haproxy.cfg").write_text(local)
+    checked = check_haproxy(tmp_path / "haproxy.cfg", {"PATH": os.environ["PATH"], "BACKCHAT_API_KEY": key})
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+    for host in (ai_1, ai_2):
+        assert host.run("test -s /opt/backchat/docker-compose.yaml").returncode == 0
+        local_config = yaml.safe_load(host.run("cat /opt/backchat/backstage/app-config.local.yaml").stdout)
+        assert local_config["ai_server"]["url"] == "https://gw.lab.test"
+        assert local_config["backend"]["csp"]["connect-src"] == ["'self'", "https://gw.lab.test"]
+        assert set(local_config["proxy"]["endpoints"]) == {"/backchat-gateway"}
+    assert door.run("test -e /opt/backchat/backstage/app-config.local.yaml", check=False).returncode != 0
+    report = run.stderr.split("--> Backchat report:")[-1]
+    assert "The lab's one endpoint (gateway ai-trixie-3): https://gw.lab.test (the GUI)" in report, report
+    assert key not in run.stdout + run.stderr
+
+    again = run_deploy(inventory, *data, env=env)
+    assert again.returncode == 0, again
+    assert again.changed_ops() == [], again.changed_ops()
+
+    status = run_deploy(inventory, *data, env=env, command="status.py", limit=door.name)
+    assert status.returncode != 0, status
+    table = status.stderr.split("--> Backchat status:")[-1]
+    assert f"{door.name}: unhealthy:" in table and "gateway, relay, chatbot-ui cannot be running" in table, table
+    assert "gateway gateway: connection refused" in table, table
+
+    gone = run_deploy(inventory, *data, env=env, command="uninstall.py", limit=door.name)
+    assert gone.returncode == 0, gone
+    assert door.run("test -e /opt/backchat/gateway", check=False).returncode != 0
+    assert run_deploy(inventory, *data, env=env, command="uninstall.py", limit=door.name).changed_ops() == []

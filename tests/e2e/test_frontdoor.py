@@ -63,16 +63,17 @@ def door(llama, tmp_path_factory):
         yield running
 
 
-def streamed(door: FrontDoor, base_url: str | None = None) -> tuple[list[float], str, float]:
-    """A streamed chat completion through the door (or ``base_url``): when each piece
-    arrived (seconds from the request), the raw stream, and how long the answer took."""
+def streamed(door, base_url: str | None = None, key: str = KEY) -> tuple[list[float], str, float]:
+    """A streamed chat completion through the door (or ``base_url``; ``door``: anything with
+    a ``url`` and the ``trust`` to reach it, the gateway too): when each piece arrived
+    (seconds from the request), the raw stream, and how long the answer took."""
     body = {"model": "gpt-3.5-turbo", "stream": True, "temperature": 0, "max_tokens": 48,
             "messages": [{"role": "system", "content": GUI_SYSTEM_PROMPT}, {"role": "user", "content": QUESTION}]}
     started = time.monotonic()
     arrivals, raw = [], b""
     with httpx.Client(verify=door.trust, timeout=120) as client:
         with client.stream("POST", f"{base_url or door.url}/v1/chat/completions", json=body,
-                           headers={"Authorization": f"Bearer {KEY}"}) as response:
+                           headers={"Authorization": f"Bearer {key}"}) as response:
             assert response.status_code == 200, response.read()
             for piece in response.iter_raw():
                 arrivals.append(time.monotonic() - started)

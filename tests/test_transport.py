@@ -7,13 +7,14 @@ password; any local user can read a process's argv).
 """
 
 import os
-import subprocess
 import tempfile
 import threading
 from pathlib import Path
 from types import SimpleNamespace
 
 import paramiko
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 import pyinfra
 import pytest
 from pyinfra.api import util as pyinfra_util
@@ -91,10 +92,13 @@ _KEY_DIR: list[Path] = []
 
 
 def _ed25519_key_file() -> str:
-    """A throw-away ed25519 key pair (paramiko cannot generate ed25519 itself)."""
+    """A throw-away ed25519 key (paramiko cannot generate ed25519 itself; cryptography can,
+    and a fresh machine running the unit tests has no ssh-keygen)."""
     if not _KEY_DIR:
         _KEY_DIR.append(Path(tempfile.mkdtemp(prefix="backchat-test-key-")))
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(_KEY_DIR[0] / "key")], check=True)
+        pem = ed25519.Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption())
+        (_KEY_DIR[0] / "key").write_bytes(pem)
     return str(_KEY_DIR[0] / "key")
 
 

@@ -116,11 +116,16 @@ def marker_on(host, name: str) -> dict:
     return json.loads(host.run(f"cat {MODELS}/.{name}.verified").stdout)
 
 
+def report_of(run) -> str:
+    """The Backchat report's table and its lines (not the time-per-step table after it)."""
+    return run.stderr.split("--> Backchat report:")[-1].split("--> Backchat time per step")[0]
+
+
 def failed_hosts(run) -> list[str]:
     """Hosts the run failed. When every host failed pyinfra stops ("No hosts remaining!")
     with neither JSON results nor the Backchat report, so pyinfra's own error lines count."""
     if "--> Backchat report:" in run.stderr:
-        report = run.stderr.split("--> Backchat report:")[-1]
+        report = report_of(run)
         return sorted(line.split()[0] for line in report.strip().splitlines()[1:] if " FAILED " in f"{line} ")
     return sorted(set(re.findall(r"^\s*\[([\w.-]+)\] Error", run.stderr, re.M)))
 
@@ -295,7 +300,7 @@ def test_unreachable_upstream_fails_only_hosts_without_the_model(hosts, hub, tmp
     run = deploy([holder, empty], hub, tmp_path, hf_endpoint=f"http://{GATEWAY}:{closed_port()}")
     assert run.returncode != 0, run
     assert failed_hosts(run) == [empty.name], run
-    report = run.stderr.split("--> Backchat report:")[-1]
+    report = report_of(run)
     assert f"{empty.name}: could not reach http://{GATEWAY}:" in report, report
     assert "Fix: check the network" in report
     lines = {line.split()[0]: line for line in report.strip().splitlines()[1:3]}
@@ -414,6 +419,11 @@ def test_controller_push_streams_through_openssh_with_no_command_in_its_argv(
     host = hosts[0]
     path = f"{MODELS}/{CONTROLLER_MODEL}"
     half = SIZE // 2
+    # Its own starting point: a later deploy of another model removes this one (model change).
+    if sha_on(host, CONTROLLER_MODEL) != SHA[CONTROLLER_MODEL]:
+        placed = deploy([host], hub, tmp_path, model=CONTROLLER_MODEL, model_source="controller",
+                        env_extra=controller_dirs)
+        assert placed.returncode == 0, placed
     host.run(f"mv {path} {path}.part && truncate -s {half} {path}.part && rm {MODELS}/.{CONTROLLER_MODEL}.verified")
     client, log = fake_ssh(tmp_path, 'exec ssh "$@"')
     env = {**controller_dirs, "BACKCHAT_SSH": str(client)}

@@ -110,7 +110,7 @@ def test_the_gateways_files_and_sockets_go_and_its_directory_with_them(tmp_path)
     paths = uninstall.stack_paths(make_cfg())
     assert paths[paths.index("gateway") + 1:] == ["bin", "images", "tls", "."]
     found = own_paths("list", root, *paths)
-    assert found["gateway/run/stats.sock"] == "socket" and uninstall.removals(found, ["gateway/run/stats.sock"])
+    assert found["gateway/run/stats.sock"] == "socket" and own_paths_module.removals(found, ["gateway/run/stats.sock"])
     own_paths("remove", root, *paths)
     for listener in listeners:
         listener.close()

@@ -8,6 +8,7 @@ re-run touches no container.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 from pyinfra import host

@@ -105,6 +105,20 @@ def integer(low: int, high: int, example: int) -> Callable[[Any], int]:
     return check
 
 
+_PERCENT = re.compile(r"([1-9][0-9]?|100)%")
+
+
+def batch_size(value: Any) -> int | str:
+    """A number of hosts (0: all at once) or a share of them, ``"25%"``."""
+    if isinstance(value, str) and _PERCENT.fullmatch(value.strip()):
+        return value.strip()
+    try:
+        return integer(0, 100000, example=1)(value)
+    except Invalid:
+        raise Invalid("must be a number of hosts (0: all at once) or a percentage from 1% to 100%",
+                      'use e.g. 1 or "25%"') from None
+
+
 def boolean(value: Any) -> bool:
     if isinstance(value, bool):
         return value

@@ -18,7 +18,7 @@ from __future__ import annotations
 from pyinfra import host, state
 from pyinfra.api import deploy
 
-from backchat import backstage, docker, model, model_change, phases, preflight, report, stack, transport, verify
+from backchat import backstage, docker, model, model_change, phases, preflight, report, rollout, stack, transport, verify
 from backchat.run_settings import described_hosts, lab_gateway, pool_hosts, role, settings_for
 from backchat.settings import DEFAULTS
 
@@ -44,17 +44,14 @@ def deploy_backchat():
             if not model.fetch(cfg):  # 2. the model: pinned, resumable, verified once
                 return
         threads = stack.thread_count(cfg, stack.tune())  # 3. threads = physical cores
-        stack.write_and_start(cfg, threads)  # 4. compose file + model config, then up
+        plan = stack.write(cfg, threads)  # 4. compose file + model config, the images at hand
     if this.runs_gateway:  # 4. the lab's gateway over every AI host
         pool = stack.gateway_pool(pool_hosts(state))
         stack.write_and_start_gateway(cfg, pool, load_archives=not this.serves_ai)
     if this.writes_backstage:  # 5. app-config.local.yaml, catalog (pointing at the gateway, if any)
         backstage.configure(cfg, described_hosts(state, host), lab_gateway(state))
-    if this.serves_ai:
-        with phases.step("verify"):
-            verify.backends(name="Verify /v1/models lists the model", cfg=cfg)  # 6. each backend serves it
-        if verify.skipped_because(cfg):
-            phases.skip("verify", verify.skipped_because(cfg))
+    if this.serves_ai:  # 4 + 6. up batch by batch, each host verified; one failing after a change is rolled back
+        rollout.start_and_verify(cfg, plan)
         model_change.remove_old(cfg)  # only once verify passed: the previous model, if the model changed
     if this.runs_gateway:  # 6. through the gateway, as users reach it; which hosts are in rotation
         verify.through_gateway(name="Verify the gateway serves the model from the AI hosts", cfg=cfg, pool=pool)

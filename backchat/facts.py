@@ -247,6 +247,17 @@ def text_of(lines: list[str] | None) -> str | None:
 COMPOSE_PROJECT = "backchat"
 
 
+def out_of_date(stack: dict | None, services: list[str]) -> list[str]:
+    """Services whose container is missing, stopped, or built from another compose file."""
+    known = (stack or {}).get("services", {})
+    stale = []
+    for name in services:
+        entry = known.get(name, {})
+        if not entry.get("have") or entry.get("have") != entry.get("want") or entry.get("state") != "running":
+            stale.append(name)
+    return stale
+
+
 class ComposeStack(FactBase):
     """
     Returns, per service, whether the running container matches the compose file on disk:
@@ -571,4 +582,38 @@ class VerifiedModels(FactBase):
             size, _, name = rest.partition(" ")
             if key == "model" and name:
                 found[name] = int(size) if size.isdigit() else None
+        return found
+
+
+_VERIFIED_STATE_SCRIPT = (
+    'sha() { if [ -f "$1" ] && [ ! -L "$1" ]; then sha256sum <"$1" | cut -c1-64; else echo -; fi; }; '
+    'd=$1; shift; for f do echo "live $(sha "$f") $f"; done; '
+    '[ -d "$d" ] && [ ! -L "$d" ] || exit 0; '
+    'cd "$d" && find . -type f | while IFS= read -r s; do echo "saved $(sha "$s") $(sha "${s#.}") ${s#.}"; done'
+)
+
+
+class VerifiedState(FactBase):
+    """
+    Returns a host's last verified state (backchat/rollout.py) against its files now:
+    ``{"/opt/backchat/.env": {"saved": sha256 or None, "live": sha256 or None}}`` for every
+    file kept in ``directory`` and every one of ``paths``. No link is followed.
+    """
+
+    default = dict
+
+    def command(self, directory: str, paths: list[str]) -> str:
+        quoted = " ".join(shlex.quote(path) for path in paths)
+        return f"sh -c {shlex.quote(_VERIFIED_STATE_SCRIPT)} verified-state {shlex.quote(directory)} {quoted}"
+
+    def process(self, output):
+        found: dict[str, dict] = {}
+        for line in output:
+            kind, _, rest = line.partition(" ")
+            fields = rest.split(" ", 2 if kind == "saved" else 1)
+            if kind == "live" and len(fields) == 2:
+                found.setdefault(fields[1], {"saved": None, "live": None})["live"] = None if fields[0] == "-" else fields[0]
+            elif kind == "saved" and len(fields) == 3:
+                saved, live, path = (None if value == "-" else value for value in fields)
+                found[path] = {"saved": saved, "live": live}
         return found

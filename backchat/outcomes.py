@@ -37,6 +37,11 @@ def fail(failed_host, reason: str) -> bool:
     return False
 
 
+def fail_now(state, host, reason: str) -> bool:  # a FunctionCommand: pyinfra passes state and host
+    """Fail the host running this command, with ``reason`` in the report."""
+    return fail(host, reason)
+
+
 def refuse_host(reason: str) -> None:
     """Say why now (the plan shows it) and fail the current host when the run executes."""
     host.log_styled(f"Will refuse: {reason}", fg="red", log_func=logger.warning)

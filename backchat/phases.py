@@ -33,6 +33,8 @@ _skipped: dict[str, dict[str, str]] = {}  # host -> phase -> why
 _started: dict[tuple[str, str], float] = {}
 _seconds: dict[tuple[str, str], float] = {}
 _failed: set[tuple[str, str]] = set()
+_credited: dict[tuple[str, str], float] = {}  # (host, phase) -> seconds spent inside another step's operation
+_debited: dict[tuple[str, str], float] = {}  # (host, op hash) -> those seconds, taken off that operation
 
 
 @contextmanager
@@ -45,10 +47,25 @@ def step(name: str):
         _planned.setdefault(host.name, {}).setdefault(name, []).extend(host.op_hash_order[before:])
 
 
+def expect(name: str) -> None:
+    """While planning: the current host does step ``name`` inside another step's operation
+    (its time comes from ``credit``)."""
+    _planned.setdefault(host.name, {}).setdefault(name, [])
+
+
 def skip(name: str, why: str) -> None:
     """While planning: the current host does not do step ``name``, because ``why``."""
     _skipped.setdefault(host.name, {})[name] = why
     _planned.setdefault(host.name, {}).setdefault(name, [])
+
+
+def credit(host_obj, name: str, seconds: float) -> None:
+    """While executing: ``seconds`` of the running operation belong to step ``name`` (the
+    rollout verifies inside its ``compose up`` operation)."""
+    _credited[(host_obj.name, name)] = _credited.get((host_obj.name, name), 0.0) + seconds
+    if host_obj.current_op_hash:
+        key = (host_obj.name, host_obj.current_op_hash)
+        _debited[key] = _debited.get(key, 0.0) + seconds
 
 
 class Timer(BaseStateCallback):
@@ -105,15 +122,16 @@ def summary(state, host_obj) -> dict | None:
 def _one(state, host_obj, name: str, hashes: list[str], why_skipped: str | None, entered: bool) -> dict:
     key = host_obj.name
     ran = [op_hash for op_hash in hashes if (key, op_hash) in _seconds]
-    seconds = round(float(sum(_seconds[(key, op_hash)] for op_hash in ran)), 1)
-    entry = {"seconds": seconds, "operations": len(ran)}
+    credited = _credited.get((key, name), 0.0)
+    seconds = sum(_seconds[(key, op_hash)] - _debited.get((key, op_hash), 0.0) for op_hash in ran) + credited
+    entry = {"seconds": round(float(seconds), 1), "operations": len(ran)}
     if why_skipped:
         entry.update(result="skipped", why=why_skipped)
     elif any((key, op_hash) in _failed for op_hash in ran):
         entry["result"] = "failed"
     elif not entered or (hashes and not ran):
         entry["result"] = "not run"  # the host was refused or failed before this step
-    elif name in CHECKS and ran:
+    elif name in CHECKS and (ran or credited):
         entry["result"] = "checked"
     else:
         changed = sum(1 for op_hash in ran if _changed(state, host_obj, op_hash))

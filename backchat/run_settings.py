@@ -91,6 +91,7 @@ def validate_inventory(inventory) -> dict[str, Settings]:
     if not problems:
         problems.extend(_lab_problems(inventory, found))
         problems.extend(_gateway_problems(inventory, found))
+        problems.extend(_rollout_problems(inventory, found))
     if problems:
         raise SettingsError("\n".join(problems))
     return found
@@ -120,6 +121,16 @@ def _lab_problems(inventory, found: dict[str, Settings]) -> list[str]:
             "Backstage's proxy sends one ($BACKCHAT_API_KEY). Fix: give every AI host the same api_key_file."
         )
     return problems
+
+
+def _rollout_problems(inventory, found: dict[str, Settings]) -> list[str]:
+    """The rollout runs the AI hosts in batches of one size for the whole run."""
+    sizes = {found[each.name].rollout_batch_size for each in ai_hosts(inventory)}
+    if len(sizes) <= 1:
+        return []
+    listed = ", ".join(f"{each.name}: {found[each.name].rollout_batch_size!r}" for each in ai_hosts(inventory))
+    return ["Invalid inventory (nothing was changed):\n  rollout_batch_size differs between AI hosts "
+            f"({listed}); a run rolls out in batches of one size. Fix: set it once, in group_data/all.py."]
 
 
 def _gateways(inventory) -> list:

@@ -134,6 +134,9 @@ SETTINGS: tuple[Setting, ...] = (
     _S("backstage_origin", "http://localhost:3000", checks.origin, "allowed by LocalAI's CORS"),
     _S("ai_server_host", None, checks.optional(checks.inventory_name),
        "on a `backstage` group host: the AI host whose GUI the Backchat page opens", "the first AI host"),
+    # Upgrades (backchat/rollout.py)
+    _S("rollout_batch_size", "25%", checks.batch_size,
+       "AI hosts started and verified at once when a run changes them; a failing one is rolled back and the rollout stops"),
     # Verify
     _S("verify_timeout", 600, checks.integer(0, 86400, example=600), "seconds to wait for `/v1/models` (0 skips)"),
     _S("verify_chat", False, checks.boolean, "also ask one question and show the answer"),

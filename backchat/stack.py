@@ -9,7 +9,9 @@ re-run touches no container.
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from pyinfra import host
 from pyinfra.api import QuoteString, StringCommand, operation
@@ -17,11 +19,14 @@ from pyinfra.operations import files, server
 
 from backchat import addresses, gateway, images, localai_backend, outcomes, own_files, phases, resources, secrets, tls
 from backchat.facts import COMPOSE_PROJECT as PROJECT
-from backchat.facts import ComposeStack, DockerImageTags, PhysicalCores
+from backchat.facts import ComposeStack, DockerImageTags, PhysicalCores, out_of_date
 
 FRONTDOOR_CONF = "frontdoor.conf"
 # Beside the front door's certificate: the nginx map that knows the API key (mode 0600).
 DOOR_KEY_MAP = "api-key.conf"
+# How long compose may wait for the containers of a rollback to start or become healthy
+# (they ran on these files before; a first start or an upgrade may wait up to 1800 s).
+ROLLBACK_WAIT_SECONDS = 600
 
 
 def thread_count(cfg, cores: dict) -> int:
@@ -144,7 +149,23 @@ def tune() -> dict:
     return host.get_fact(PhysicalCores)
 
 
-def write_and_start(cfg, threads: int) -> None:
+@dataclass(frozen=True)
+class Plan:
+    """What step 4 hands over: the stack's project, its services, the files it reads, and
+    what this run changes in them."""
+
+    project_dir: str
+    services: list[str]
+    files: list[str]  # every file the stack reads (what the last verified state keeps)
+    files_changed: bool
+    restart: list[str]  # services whose files changed under a running container
+    up_commands: Callable[[list[str]], list]  # stale services -> the commands that bring the stack up
+    rollback_commands: list  # recreate every container on the files just restored
+
+
+def write(cfg, threads: int) -> Plan | None:
+    """The stack's files, then the images it needs; what starting it takes (for
+    ``rollout``), or None with ``start = False``."""
     rendered = rendered_files(cfg, threads)
     env = f"{cfg.stack_dir}/.env"
     door = addresses.behind_front_door(cfg)
@@ -164,7 +185,7 @@ def write_and_start(cfg, threads: int) -> None:
         host.noop("start = False: the stack is written but not started")
         phases.skip("images", "start = False")
         phases.skip("compose_up", "start = False")
-        return
+        return None
     # will_change costs no command here: the writes decide from what was read above.
     door_changed = any(write.will_change for write in door_writes)
     files_changed = door_changed or backend_changed or any(write.will_change for write in writes.values())
@@ -176,17 +197,26 @@ def write_and_start(cfg, threads: int) -> None:
             services=addresses.compose_services(cfg),
             files_changed=files_changed,
         )
-    with phases.step("compose_up"):
-        compose_up(
-            name="Start the stack (docker compose up -d)",
-            project_dir=cfg.stack_dir,
-            services=addresses.compose_services(cfg),
-            files_changed=files_changed,
-            # LocalAI reads its model config and registers its backends at start, nginx its
-            # config and certificate; compose cannot see those files change.
-            restart=(["localai"] if changed(writes, f"{cfg.models_dir}/{cfg.model_id}.yaml") or backend_changed else [])
-            + (["frontdoor"] if door_changed or changed(writes, f"{cfg.stack_dir}/{FRONTDOOR_CONF}") else []),
-        )
+    # LocalAI reads its model config and registers its backends at start, nginx its
+    # config and certificate; compose cannot see those files change.
+    restart = (["localai"] if changed(writes, f"{cfg.models_dir}/{cfg.model_id}.yaml") or backend_changed else []) + (
+        ["frontdoor"] if door_changed or changed(writes, f"{cfg.stack_dir}/{FRONTDOOR_CONF}") else [])
+    base = _compose(cfg.stack_dir)
+    return Plan(
+        project_dir=cfg.stack_dir,
+        services=addresses.compose_services(cfg),
+        files=sorted([*writes, *tls_paths[1:]]),  # tls_paths[0] is their directory
+        files_changed=files_changed,
+        up_commands=lambda stale: up_commands(base, stale, restart),
+        rollback_commands=rollback_commands(cfg),
+    )
+
+
+def rollback_commands(cfg) -> list[StringCommand]:
+    """Every container recreated on the files ``rollout`` just put back (LocalAI and the
+    front door read theirs only as they start)."""
+    return [StringCommand(*_compose(cfg.stack_dir), "up", "-d", "--force-recreate", "--remove-orphans",
+                          "--wait", "--wait-timeout", str(ROLLBACK_WAIT_SECONDS))]
 
 
 def changed(writes: dict, path: str) -> bool:
@@ -292,17 +322,6 @@ _IMAGES_PRESENT_OR_PULLED = (
 )
 
 
-def out_of_date(stack: dict | None, services: list[str]) -> list[str]:
-    """Services whose container is missing, stopped, or built from another compose file."""
-    known = (stack or {}).get("services", {})
-    stale = []
-    for name in services:
-        entry = known.get(name, {})
-        if not entry.get("have") or entry.get("have") != entry.get("want") or entry.get("state") != "running":
-            stale.append(name)
-    return stale
-
-
 def _compose(project_dir: str, project: str = PROJECT) -> list:
     return ["docker", "compose", "--project-directory", QuoteString(project_dir), "-p", project]
 
@@ -347,13 +366,18 @@ def compose_up(
     if not stale and not files_changed:
         host.noop(f"stack up to date: {', '.join(services)} running")
         return
-    base = _compose(project_dir, project)
+    yield from up_commands(_compose(project_dir, project), stale, restart or [], reload or [])
+
+
+def up_commands(base: list, stale: list[str], restart: list[str], reload: list[str] = ()) -> list[StringCommand]:
+    """``compose up`` (``base`` names the project), then the restarts and reloads it leaves to do."""
     # --pull missing: images loaded from archives (air-gapped labs) are never pulled.
-    yield StringCommand(*base, "up", "-d", "--pull", "missing", "--remove-orphans", "--wait", "--wait-timeout", "1800")
+    commands = [StringCommand(*base, "up", "-d", "--pull", "missing", "--remove-orphans", "--wait", "--wait-timeout", "1800")]
     if restart:
-        yield StringCommand(*base, "restart", *restart)
+        commands.append(StringCommand(*base, "restart", *restart))
     # A container `up` just created reads its files as it starts (and may not yet handle the
     # signal, whose default is to end the process): only the ones it left running reload.
-    reload = [service for service in reload or [] if service not in stale]
+    reload = [service for service in reload if service not in stale]
     if reload:
-        yield StringCommand(*base, "kill", "-s", "USR2", *reload)
+        commands.append(StringCommand(*base, "kill", "-s", "USR2", *reload))
+    return commands

@@ -20,7 +20,7 @@ from pyinfra.api import QuoteString, StringCommand, deploy, operation
 from pyinfra.facts.files import FileContents
 from pyinfra.operations import files
 
-from backchat import backstage, gateway, localai_backend, model_change, outcomes, report, stack, tls, transport
+from backchat import backstage, gateway, localai_backend, model_change, outcomes, report, rollout, stack, tls, transport
 from backchat.own_paths import remove_own
 from backchat.facts import COMPOSE_PROJECT, ComposeProject, OwnPaths, text_of
 from backchat.run_settings import settings_for
@@ -130,6 +130,7 @@ def uninstall_backchat():
     remove_own(name="Remove the model config" + (" and the model" if cfg.remove_model else ""),
                root=cfg.models_dir, paths=models_paths(cfg))
     localai_backend.remove(cfg)
+    rollout.forget(name="Remove the last verified state", cfg=cfg)
     remove_own(name="Remove the stack's files", root=cfg.stack_dir, paths=stack_paths(cfg))
     outcomes.record(
         host.name,

@@ -371,49 +371,40 @@ def _report_gateway(state, host, cfg, results: list[Result]) -> bool:
     return all(result.ok for result in results)
 
 
-@operation(is_idempotent=False)
-def backends(cfg):
-    """
-    Check that every running backend lists ``model_id`` (from the controller, or through the host).
-
-    + cfg: the host's settings (ports, model id, API key, timeouts)
-    """
+def _entry(cfg) -> dict:
     address = public_address(cfg)
-    entry = {
-        "backends": ",".join(api_urls(cfg, address)),
-        "model_id": cfg.model_id,
-        "gui_url": gui_url(cfg, address),
-    }
-    why = skipped_because(cfg)
-    if why:
-        outcomes.record(
-            host.name,
-            verify="installed, not started (start = False)" if not cfg.start else "not verified (verify_timeout = 0)",
-            **entry,
-        )
-        host.noop(f"verify skipped: {why}")
-        return
-    probe, address = probe_for(cfg, host)
-    if not current_state.is_executing:
-        where = " (from the host: the services listen on its loopback)" if isinstance(probe, HostProbe) else ""
-        host.noop(f"will check /v1/models on {', '.join(api_urls(cfg, address).values())} "
-                  f"and the GUI at {gui_url(cfg, address)}{where}")
-        return
+    return {"backends": ",".join(api_urls(cfg, address)), "model_id": cfg.model_id, "gui_url": gui_url(cfg, address)}
 
+
+def record_skipped(cfg) -> None:
+    """The report's line for a host whose settings leave verify out."""
+    outcomes.record(
+        host.name,
+        verify="installed, not started (start = False)" if not cfg.start else "not verified (verify_timeout = 0)",
+        **_entry(cfg),
+    )
+
+
+def planned_checks(cfg) -> str:
+    """What verify will check on this host (said while planning)."""
+    probe, address = probe_for(cfg, host)
+    where = " (from the host: the services listen on its loopback)" if isinstance(probe, HostProbe) else ""
+    return (f"will check /v1/models on {', '.join(api_urls(cfg, address).values())} "
+            f"and the GUI at {gui_url(cfg, address)}{where}")
+
+
+def check_host(cfg, on_wait: Callable[[str], None] | None = None) -> tuple[bool, list[Result]]:
+    """Check this host now, log each result, and record the report's line; True when all pass."""
+    probe, address = probe_for(cfg, host)
     started = time.monotonic()
-    results = check_all(cfg, address, probe, on_wait=host.log)
+    results = check_all(cfg, address, probe, on_wait=on_wait)
     ok = all(result.ok for result in results)
     outcomes.record(
         host.name,
         verify="pass" if ok else "fail",
         seconds=round(time.monotonic() - started, 1),
         detail="; ".join(f"{r.service}: {r.detail}" for r in results if r.detail),
-        **entry,
+        **_entry(cfg),
     )
-    if ok:
-        _report_results(None, host, cfg, results)
-        host.noop(f"every backend and the GUI list {cfg.model_id}")
-        return
-    # Failing needs a command; it only runs when the check failed, so a passing re-run
-    # still reports no change.
-    yield FunctionCommand(_report_results, (cfg, results), {})
+    _report_results(None, host, cfg, results)
+    return ok, results

@@ -150,6 +150,16 @@
 # host whose GUI the Backchat page opens, by inventory name. None: the first AI host.
 # ai_server_host = None
 
+# --- Upgrades --------------------------------------------------------------------
+# When a run changes what the AI hosts run (an image tag, the model, a setting that
+# restarts containers), they are started and verified this many at a time: a number of
+# hosts (0: all at once) or a share of them ("25%": a quarter, at least one). A host
+# that fails verify after the change goes back to its last verified state (kept in
+# stack_dir/last-verified; its old images are still there), and the rollout stops: the
+# later hosts keep running what they ran. `pyinfra inventory.py rollback.py` returns
+# hosts to their last verified state by hand. One value for the whole lab.
+# rollout_batch_size = '25%'
+
 # --- Verify ----------------------------------------------------------------------
 # Seconds to wait for each backend's /v1/models to list model_id (0 skips the check).
 # verify_timeout = 600

@@ -99,8 +99,7 @@ def _stop(why: str) -> None:
 
 
 def _tail(output) -> str:
-    lines = [line for line in getattr(output, "stderr_lines", []) or getattr(output, "stdout_lines", [])]
-    return " / ".join(lines[-3:])[-400:]
+    return " / ".join((output.stderr_lines or output.stdout_lines)[-3:])[-400:]
 
 
 def _run(state, host, commands: list, outcome: dict) -> bool:  # pyinfra passes state and host by these names
@@ -109,7 +108,8 @@ def _run(state, host, commands: list, outcome: dict) -> bool:  # pyinfra passes 
     for command in commands:
         ok, output = transport.run_as_operation(host, command)
         if not ok:
-            outcome.update(ok=False, why=f"`{' '.join(str(bit) for bit in command.bits[:6])} ...` failed: {_tail(output)}")
+            verb = next((bit for bit in command.bits if bit in ("up", "restart", "kill")), "")
+            outcome.update(ok=False, why=f"docker compose {verb} failed: {_tail(output)}")
             return True
     outcome["ok"] = True
     return True

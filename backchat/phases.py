@@ -129,7 +129,7 @@ def _one(state, host_obj, name: str, hashes: list[str], why_skipped: str | None,
         entry.update(result="skipped", why=why_skipped)
     elif any((key, op_hash) in _failed for op_hash in ran):
         entry["result"] = "failed"
-    elif not entered or (hashes and not ran):
+    elif not entered or (hashes and not ran) or (name in CHECKS and not ran and not credited):
         entry["result"] = "not run"  # the host was refused or failed before this step
     elif name in CHECKS and (ran or credited):
         entry["result"] = "checked"

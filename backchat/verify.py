@@ -385,6 +385,19 @@ def record_skipped(cfg) -> None:
     )
 
 
+@operation(is_idempotent=False)
+def not_run(cfg):
+    """
+    Say why verify does not run on this host (its settings leave it out), in the report too.
+
+    + cfg: the host's settings
+    """
+    record_skipped(cfg)
+    host.noop(f"verify skipped: {skipped_because(cfg)}")
+    return
+    yield  # an operation: pyinfra wants a generator
+
+
 def planned_checks(cfg) -> str:
     """What verify will check on this host (said while planning)."""
     probe, address = probe_for(cfg, host)

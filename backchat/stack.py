@@ -8,7 +8,6 @@ re-run touches no container.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -248,24 +247,30 @@ def write_and_start_gateway(cfg, pool: list[gateway.Member], load_archives: bool
     config without dropping the answers under way.
     """
     directory = gateway.directory(cfg)
-    files.directory(name="Create the stack directory", path=cfg.stack_dir)
-    files.directory(name="Create the gateway's directory", path=directory)
-    for name in (tls.HOST_DIR, "run"):
-        files.directory(name=f"Create the gateway's {name} directory (0700)", path=f"{directory}/{name}", mode="0700")
-    env = secrets.secret_file(name="Write gateway/.env (0600)", dest=f"{directory}/.env", lines=env_lines(cfg))
-    changed = {"env": env.will_change}
-    for path, content in gateway_files(cfg, pool).items():
-        changed[Path(path).name] = files.put(name=f"Write gateway/{Path(path).name}", src=io.StringIO(content),
-                                             dest=path, mode="0644").will_change
+    subdirectories = [f"{directory}/{name}" for name in (tls.HOST_DIR, "run")]
+    env, ca, pem = f"{directory}/.env", f"{directory}/{tls.HOST_DIR}/{gateway.CA_FILE}", f"{directory}/{tls.HOST_DIR}/{gateway.PEM_FILE}"
+    plain = gateway_files(cfg, pool)
+    # What is there now, in one command: each write below decides from it (and follows no link).
+    seen = own_files.read([cfg.stack_dir, directory, *subdirectories, env, ca, pem, *plain])
+    own_files.directory(name="Create the stack directory", path=cfg.stack_dir, seen=seen.get(cfg.stack_dir))
+    own_files.directory(name="Create the gateway's directory", path=directory, seen=seen.get(directory))
+    for path in subdirectories:
+        own_files.directory(name=f"Create the gateway's {Path(path).name} directory (0700)", path=path,
+                            seen=seen.get(path), mode="0700")
+    env_write = secrets.secret_file(name="Write gateway/.env (0600)", dest=env, lines=env_lines(cfg), seen=seen.get(env))
+    changed = {"env": env_write.will_change}
+    for path, content in plain.items():
+        changed[Path(path).name] = own_files.file(name=f"Write gateway/{Path(path).name}", dest=path, content=content,
+                                                  seen=seen.get(path), mode="0644").will_change
     for ca_dir in gateway.ca_dirs(pool):  # one at most (run_settings)
-        changed["ca"] = files.put(name=f"Write gateway/{tls.HOST_DIR}/{gateway.CA_FILE}",
-                                  src=io.StringIO(tls.ca_certificate(ca_dir)),
-                                  dest=f"{directory}/{tls.HOST_DIR}/{gateway.CA_FILE}", mode="0644").will_change
+        changed["ca"] = own_files.file(name=f"Write gateway/{tls.HOST_DIR}/{gateway.CA_FILE}",
+                                       content=tls.ca_certificate(ca_dir), dest=ca, seen=seen.get(ca),
+                                       mode="0644").will_change
     if addresses.behind_front_door(cfg):
         certificate = host_certificate(cfg)
         changed["pem"] = secrets.secret_file(
-            name=f"Write gateway/{tls.HOST_DIR}/{gateway.PEM_FILE} (0600)",
-            dest=f"{directory}/{tls.HOST_DIR}/{gateway.PEM_FILE}", lines=(certificate.cert_pem, certificate.key_pem),
+            name=f"Write gateway/{tls.HOST_DIR}/{gateway.PEM_FILE} (0600)", dest=pem,
+            lines=(certificate.cert_pem, certificate.key_pem), seen=seen.get(pem),
         ).will_change
     outcomes.record(host.name, gateway_url=addresses.gateway_url(cfg, addresses.public_address(cfg)),
                     pool=", ".join(member.host for member in pool))

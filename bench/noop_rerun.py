@@ -86,6 +86,9 @@ AREAS = (
     ("backchat", ("/backchat/",)),
     ("imports (finding, loading, compiling modules)", ("<frozen importlib", "<frozen zipimport", "marshal", "builtins.compile", "_imp.")),
     ("logging", ("/logging/",)),
+    ("package metadata (entry points: gevent's plugins, pyinfra's connectors)", ("/importlib/metadata/",)),
+    ("type hints (typing: pyinfra's global arguments, per fact class)", ("/typing.py",)),
+    ("regular expressions (compiled on import)", ("/re/_",)),
 )
 
 
@@ -148,7 +151,9 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="backchat-noop-", dir="/var/tmp"))
     print(f"work directory: {workdir}", flush=True)
     env = {
-        **{k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HF_ENDPOINT")},
+        # PYTHONDONTWRITEBYTECODE: some machines set it for every process; a user's does not,
+        # and without it backchat's modules are compiled once, not on every run.
+        **{k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HF_ENDPOINT", "PYTHONDONTWRITEBYTECODE")},
         "HF_HOME": str(workdir / "hf"),
         "XDG_CACHE_HOME": str(workdir / "xdg"),
         "HOME": str(workdir),  # the API key and the CA are made once, here
@@ -187,10 +192,11 @@ def main() -> None:
                     flush=True,
                 )
 
-        profile_path = workdir / "noop.prof"
-        run = run_deploy(all_inventory, *data, env=env, python_args=(__file__, PROFILED, str(profile_path)))
-        if run.returncode != 0:
-            raise SystemExit(f"the profiled run failed:\n{run}")
+        profiles = {size: workdir / f"noop-{size}.prof" for size in fleets}
+        for size, profile_path in profiles.items():
+            run = run_deploy(fleets[size][0], *data, env=env, python_args=(__file__, PROFILED, str(profile_path)))
+            if run.returncode != 0:
+                raise SystemExit(f"the profiled run failed:\n{run}")
 
     def median(size: int, key: str) -> float:
         return statistics.median(result[key] for result in results[size])
@@ -206,6 +212,9 @@ def main() -> None:
         )
 
     one, many = sizes[0], sizes[-1]
+    if many > one:  # what one more host costs: the fixed costs (start-up, the Hub lookup) cancel
+        extra = (median(many, "cpu_per_host") * many - median(one, "cpu_per_host") * one) / (many - one)
+        print(f"\ncontroller CPU per extra host ({one} -> {many} hosts, from the medians): {extra:.3f} s")
     ratio = median(many, "seconds") / median(one, "seconds")
     goals = [
         (f"no-op wall, {many} hosts / 1 host", f"{ratio:.2f}", f"<= {GOAL_RATIO}", ratio <= GOAL_RATIO),
@@ -225,14 +234,19 @@ def main() -> None:
     for label, value, wanted, met in goals:
         print(f"| {label} | {value} | {wanted} | {'yes' if met else 'NO'} |")
 
-    areas = cpu_by_area(profile_path)
-    total = sum(seconds for _area, seconds in areas) or 1
-    print(f"\nwhere the controller's CPU goes ({sizes[-1]} hosts, one profiled run of the pyinfra process, "
-          f"{total:.2f} s; child processes not included):\n")
-    for area, seconds in areas:
-        if seconds / total >= 0.005:
-            print(f"  {seconds / total:6.1%}  {seconds:6.2f} s  {area}")
-    print(f"\n(logs and the profile: {workdir}; `python -m pstats {profile_path}` for the details)")
+    areas = {size: dict(cpu_by_area(path)) for size, path in profiles.items()}
+    totals = {size: sum(areas[size].values()) or 1 for size in sizes}
+    print(f"\nwhere the controller's CPU goes (one profiled run of the pyinfra process each, {one} host and "
+          f"{many} hosts; child processes not included; the profiler slows Python code most):\n")
+    print(f"| area | {one} host | {many} hosts | per extra host |\n|---|---|---|---|")
+    for area in sorted(areas[many], key=lambda name: -areas[many][name]):
+        first, last = areas[one].get(area, 0.0), areas[many][area]
+        if last / totals[many] >= 0.005:
+            print(f"| {area} | {first:.2f} s ({first / totals[one]:.0%}) | {last:.2f} s ({last / totals[many]:.0%}) "
+                  f"| {(last - first) / max(many - one, 1) * 1000:.0f} ms |")
+    print(f"| total | {totals[one]:.2f} s | {totals[many]:.2f} s "
+          f"| {(totals[many] - totals[one]) / max(many - one, 1) * 1000:.0f} ms |")
+    print(f"\n(logs and the profiles: {workdir}; `python -m pstats {profiles[many]}` for the details)")
 
 
 if __name__ == "__main__":

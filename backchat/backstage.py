@@ -33,6 +33,7 @@ config:check --strict, the catalog's processors and rules, helmet's CSP header, 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
@@ -441,11 +442,18 @@ def openapi_definition(cfg, service: str, servers: list[dict], where: str = "on 
     browser: Backstage's proxy (with a key), or the host itself, which must be allowed by
     Backstage's ``connect-src`` and answer CORS for Backstage's origin.
     """
-    definition = _load(resources.render("openai-api.yaml.j2", service=service, model_id=cfg.model_id, where=where))
+    definition = copy.deepcopy(_api_template(service, cfg.model_id, where))
     definition["servers"] = servers
     if cfg.api_key:
         definition["security"] = [{"apiKey": []}]
     return definition
+
+
+@functools.lru_cache(maxsize=64)
+def _api_template(service: str, model_id: str, where: str) -> dict:
+    """The rendered and parsed template, once per run for all hosts that serve the same
+    (callers get a deep copy: parsing it is most of a host's catalog)."""
+    return _load(resources.render("openai-api.yaml.j2", service=service, model_id=model_id, where=where))
 
 
 def api_servers(served: Served, service: str, url: str, backend: str) -> list[dict]:

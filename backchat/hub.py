@@ -36,8 +36,11 @@ CHUNK = 8 * 1024 * 1024
 
 
 def resolve(endpoint: str, repo: str, filename: str, revision: str, token: str | None) -> dict:
-    from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url
+    # From their modules, not the package's lazy top level, and HfApi only when a file's etag
+    # is not its sha256: ``huggingface_hub.hf_api`` alone takes about 0.2 s of CPU to import,
+    # in a child process every run starts (the lookup of an LFS file never needs it).
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError
+    from huggingface_hub.file_download import get_hf_file_metadata, hf_hub_url
 
     where = f"{repo}/{filename} at revision {revision} from {endpoint}"
     try:
@@ -45,6 +48,8 @@ def resolve(endpoint: str, repo: str, filename: str, revision: str, token: str |
         sha256 = (meta.etag or "").strip('"')
         if not SHA256.match(sha256):
             # A non-LFS file's etag is a git blob id; the LFS oid is what can be verified.
+            from huggingface_hub.hf_api import HfApi
+
             info = HfApi(endpoint=endpoint, token=token).get_paths_info(repo, [filename], revision=revision, expand=True)
             lfs = getattr(info[0], "lfs", None) if info else None
             sha256 = getattr(lfs, "sha256", "") or ""

@@ -6,7 +6,6 @@ other hosts and the final report names each refused host and why.
 
 from __future__ import annotations
 
-import psutil
 from pyinfra import host
 
 from backchat import addresses, gateway, outcomes
@@ -92,6 +91,8 @@ def user_problems(missing: list[str]) -> list[str]:
 
 def _listening_locally() -> dict[int, str]:
     """@local: the controller is the host, so psutil reads its sockets directly."""
+    import psutil  # imported late: only a run on the controller itself (@local) needs it
+
     ports: dict[int, str] = {}
     for connection in psutil.net_connections(kind="tcp"):
         if connection.status == psutil.CONN_LISTEN and connection.laddr:

@@ -15,6 +15,7 @@ are refused with the nearest setting name, so a typo cannot silently fall back t
 from __future__ import annotations
 
 import difflib
+import functools
 import sys
 from dataclasses import dataclass, make_dataclass
 from typing import Any, Callable, Mapping
@@ -259,6 +260,7 @@ def _backend_archive_problems(values: dict[str, Any]) -> list[str]:
 # --- which host data is ours ------------------------------------------------------------
 
 
+@functools.cache  # the connectors' entry points, scanned once per run (not once per host)
 def _pyinfra_data_names() -> frozenset[str]:
     """Host data keys pyinfra's own connectors read (ssh_hostname, docker_identifier, ...)."""
     from pyinfra.api.connectors import get_all_connectors

@@ -15,8 +15,9 @@ into a command's stdin. backchat needs that twice:
 Fixes of pyinfra's own behaviour live here too, each with its upstream note, applied by
 ``prepare_run``: ``send_small_packets_now`` (TCP_NODELAY on the SSH socket),
 ``run_without_asking_when_nothing_changes`` (no "Press enter" for a plan without changes),
-``order_operations_without_inspect`` (each operation's order from its frames) and
-``remember_global_argument_types`` (type hints read once).
+``order_operations_without_inspect`` (each operation's order from its frames),
+``remember_global_argument_types`` (type hints read once) and
+``read_host_data_once_per_call`` (a host's data layers read once per global-argument pop).
 
 What this touches, and why it is safe to rely on (pyinfra 3.x):
 * ``host.connector.client``: the paramiko ``SSHClient`` of the ``@ssh`` connector; a new
@@ -29,9 +30,12 @@ What this touches, and why it is safe to rely on (pyinfra 3.x):
   executing (verify's probe through the host) the operation's ``_sudo`` and friends.
 * ``pyinfra_cli.cli._do_confirm`` (looked up by name when ``_main`` asks) and each
   planned operation's ``OperationMeta._maybe_is_change`` (what ``print_meta`` prints).
-* ``pyinfra.api.operation.get_operation_order_from_stack`` and ``all_global_arguments``
-  of ``pyinfra.api.arguments`` and ``pyinfra.api.facts`` (each looked up by name when
-  called); ``tests/test_transport.py`` checks the replacements against pyinfra's own.
+* ``pyinfra.api.operation.get_operation_order_from_stack``, ``all_global_arguments``
+  of ``pyinfra.api.arguments`` and ``pyinfra.api.facts``, and ``pop_global_arguments`` of
+  those and ``pyinfra.api.operation`` and ``pyinfra.api.deploy`` (each looked up by name
+  when called; ``pop_global_arguments`` reads a host's ``current_deploy_kwargs`` and
+  ``data``, and ``HostData`` keeps its layers in ``datas``); ``tests/test_transport.py``
+  checks the replacements against pyinfra's own.
 
 If pyinfra changes these, ``tests/e2e/test_model_delivery.py``, the secret-file canary test
 and the re-run without ``-y`` in ``tests/e2e/test_realhosts.py`` fail.
@@ -58,6 +62,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+from copy import copy
 from typing import Callable, Iterable
 
 import pyinfra
@@ -69,6 +74,8 @@ from pyinfra.api import util as pyinfra_util
 pyinfra_operation = importlib.import_module("pyinfra.api.operation")
 pyinfra_arguments = importlib.import_module("pyinfra.api.arguments")
 pyinfra_facts = importlib.import_module("pyinfra.api.facts")
+pyinfra_deploy = importlib.import_module("pyinfra.api.deploy")
+pyinfra_host = importlib.import_module("pyinfra.api.host")
 from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS
 from pyinfra.connectors.util import make_unix_command, make_unix_command_for_host
 
@@ -95,6 +102,7 @@ def prepare_run(state, host) -> None:
     run_without_asking_when_nothing_changes(state)
     order_operations_without_inspect()
     remember_global_argument_types()
+    read_host_data_once_per_call()
 
 
 def send_small_packets_now(host) -> None:
@@ -198,6 +206,61 @@ def remember_global_argument_types() -> None:
     all_global_arguments.remembered = True
     for module in (pyinfra_arguments, pyinfra_facts):  # both look it up by name
         module.all_global_arguments = all_global_arguments
+
+
+def read_host_data_once_per_call() -> None:
+    """Read a host's data layers once each time pyinfra pops the global arguments.
+
+    pyinfra (3.x, ``pyinfra/api/arguments.py``, ``pop_global_arguments``), for every
+    operation, every fact read and every ``@deploy`` call, looks each of the 32 global
+    arguments up in the host's data (``getattr(host.data, key)``), and ``HostData``
+    (``pyinfra/api/host.py``) evaluates every data layer for every lookup: the override,
+    host, groups (merged anew each time), inventory and ``@deploy`` defaults, about 160
+    calls per pop. After the two fixes above, the largest share of pyinfra's CPU per host.
+    Here pyinfra's own function runs unchanged (defaults, handlers, type checks), with a
+    view of the host whose ``data`` evaluates the same layers once, in the same order, and
+    answers each key as ``HostData`` does (a shallow copy of the first layer holding it).
+    Belongs upstream (evaluate the layers once per ``pop_global_arguments``).
+    """
+    original = pyinfra_arguments.pop_global_arguments
+    if getattr(original, "reads_host_data_once", False):
+        return
+
+    def pop_global_arguments(state, host, kwargs, *args, **options):
+        return original(state, _HostDataReadOnce(host), kwargs, *args, **options)
+
+    pop_global_arguments.reads_host_data_once = True
+    for module in (pyinfra_arguments, pyinfra_operation, pyinfra_facts, pyinfra_deploy):  # each looks it up by name
+        module.pop_global_arguments = pop_global_arguments
+
+
+class _HostDataReadOnce:
+    """A host as ``pop_global_arguments`` reads it: its ``data`` layers evaluated once."""
+
+    __slots__ = ("_host", "data")
+
+    def __init__(self, host):
+        self._host = host
+        layers = getattr(host.data, "__dict__", {}).get("datas")
+        self.data = host.data if layers is None else _DataLayers(layers)
+
+    def __getattr__(self, name):
+        return getattr(self._host, name)
+
+
+class _DataLayers:
+    __slots__ = ("_layers",)
+
+    def __init__(self, layers):
+        self._layers = list(pyinfra_host.extract_callable_datas(layers))
+
+    def __getattr__(self, key):
+        for layer in self._layers:  # as HostData.__getattr__
+            try:
+                return copy(layer[key])
+            except KeyError:
+                pass
+        raise AttributeError(key)
 
 
 def _plan_changes_anything(state) -> bool:

@@ -45,14 +45,14 @@ def controller_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def measure(inventory: Path, hosts, data: list[str], env: dict) -> dict:
-    """One no-op run of the real CLI: its wall time, the controller's CPU and, per host,
-    the commands sshd started and the bytes on the host's link."""
+def measure(inventory: Path, hosts, data: list[str], env: dict, project: Path = PROJECT) -> dict:
+    """One no-op run of the real CLI (from ``project``): its wall time, the controller's CPU
+    and, per host, the commands sshd started and the bytes on the host's link."""
     commands = {host.name: host.remote_commands() for host in hosts}
     link = {host.name: host.link_bytes() for host in hosts}
     cpu = controller_cpu()
     started = time.monotonic()
-    run = run_deploy(inventory, *data, env=env)
+    run = run_deploy(inventory, *data, env=env, project=project)
     seconds = time.monotonic() - started
     cpu = controller_cpu() - cpu
     if run.returncode != 0:
@@ -86,6 +86,9 @@ AREAS = (
     ("backchat", ("/backchat/",)),
     ("imports (finding, loading, compiling modules)", ("<frozen importlib", "<frozen zipimport", "marshal", "builtins.compile", "_imp.")),
     ("logging", ("/logging/",)),
+    ("package metadata (entry points: gevent's plugins, pyinfra's connectors)", ("/importlib/metadata/",)),
+    ("type hints (typing: pyinfra's global arguments, per fact class)", ("/typing.py",)),
+    ("regular expressions (compiled on import)", ("/re/_",)),
 )
 
 
@@ -137,7 +140,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hosts", type=int, default=10, help="the fleet's size (default 10)")
     parser.add_argument("--rounds", type=int, default=5, help="rounds of (1 host, all hosts), interleaved")
+    parser.add_argument("--baseline", type=Path, help="another checkout of the project (e.g. `git worktree add "
+                        "../base main`), run in the same rounds: its medians, and this one's over its")
     args = parser.parse_args()
+    checkouts = {"this": PROJECT, **({"baseline": args.baseline.resolve()} if args.baseline else {})}
+    for checkout in checkouts.values():
+        if not (checkout / "deploy.py").is_file() or not (checkout / "backchat").is_dir():
+            raise SystemExit(f"{checkout} is not a checkout of the project (no deploy.py and backchat/)")
     if os.geteuid() != 0:
         raise SystemExit("needs root (sandbox hosts: mounts, network namespaces)")
 
@@ -148,7 +157,9 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="backchat-noop-", dir="/var/tmp"))
     print(f"work directory: {workdir}", flush=True)
     env = {
-        **{k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HF_ENDPOINT")},
+        # PYTHONDONTWRITEBYTECODE: some machines set it for every process; a user's does not,
+        # and without it backchat's modules are compiled once, not on every run.
+        **{k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HF_ENDPOINT", "PYTHONDONTWRITEBYTECODE")},
         "HF_HOME": str(workdir / "hf"),
         "XDG_CACHE_HOME": str(workdir / "xdg"),
         "HOME": str(workdir),  # the API key and the CA are made once, here
@@ -171,26 +182,32 @@ def main() -> None:
         if first.returncode != 0:
             raise SystemExit(f"the first apply failed:\n{first}")
         print(f"  {time.monotonic() - started:.0f}s", flush=True)
-        measure(all_inventory, hosts, data, env)  # settles caches (page cache, pyc) on both sides
+        for project in checkouts.values():
+            measure(all_inventory, hosts, data, env, project)  # settles caches (page cache, pyc) on both sides
 
-        results: dict[int, list[dict]] = {size: [] for size in fleets}
+        # Every round runs each (checkout, fleet) once; the order turns from round to round.
+        runs = [(checkout, size) for checkout in checkouts for size in sorted(fleets)]
+        every: dict[tuple[str, int], list[dict]] = {run: [] for run in runs}
         for round_number in range(args.rounds):
-            order = sorted(fleets) if round_number % 2 == 0 else sorted(fleets, reverse=True)
-            for size in order:
+            shift = round_number % len(runs)
+            order = runs[shift:] + runs[:shift]
+            for checkout, size in order if round_number % 2 == 0 else reversed(order):
                 inventory, members = fleets[size]
-                result = measure(inventory, members, data, env)
-                results[size].append(result)
+                result = measure(inventory, members, data, env, checkouts[checkout])
+                every[checkout, size].append(result)
                 print(
-                    f"  round {round_number + 1}, {size:>2} host(s): {result['seconds']:.2f}s, "
-                    f"CPU {result['cpu_per_host']:.2f}s/host, {result['commands']} commands/host, "
-                    f"{result['bytes'] / 1000:.0f} KB/host",
+                    f"  round {round_number + 1}, {checkout if args.baseline else ''}{size:>3} host(s): "
+                    f"{result['seconds']:.2f}s, CPU {result['cpu_per_host']:.2f}s/host, "
+                    f"{result['commands']} commands/host, {result['bytes'] / 1000:.0f} KB/host",
                     flush=True,
                 )
+        results = {size: every["this", size] for size in fleets}
 
-        profile_path = workdir / "noop.prof"
-        run = run_deploy(all_inventory, *data, env=env, python_args=(__file__, PROFILED, str(profile_path)))
-        if run.returncode != 0:
-            raise SystemExit(f"the profiled run failed:\n{run}")
+        profiles = {size: workdir / f"noop-{size}.prof" for size in fleets}
+        for size, profile_path in profiles.items():
+            run = run_deploy(fleets[size][0], *data, env=env, python_args=(__file__, PROFILED, str(profile_path)))
+            if run.returncode != 0:
+                raise SystemExit(f"the profiled run failed:\n{run}")
 
     def median(size: int, key: str) -> float:
         return statistics.median(result[key] for result in results[size])
@@ -206,6 +223,9 @@ def main() -> None:
         )
 
     one, many = sizes[0], sizes[-1]
+    if many > one:  # what one more host costs: the fixed costs (start-up, the Hub lookup) cancel
+        extra = (median(many, "cpu_per_host") * many - median(one, "cpu_per_host") * one) / (many - one)
+        print(f"\ncontroller CPU per extra host ({one} -> {many} hosts, from the medians): {extra:.3f} s")
     ratio = median(many, "seconds") / median(one, "seconds")
     goals = [
         (f"no-op wall, {many} hosts / 1 host", f"{ratio:.2f}", f"<= {GOAL_RATIO}", ratio <= GOAL_RATIO),
@@ -225,14 +245,53 @@ def main() -> None:
     for label, value, wanted, met in goals:
         print(f"| {label} | {value} | {wanted} | {'yes' if met else 'NO'} |")
 
-    areas = cpu_by_area(profile_path)
-    total = sum(seconds for _area, seconds in areas) or 1
-    print(f"\nwhere the controller's CPU goes ({sizes[-1]} hosts, one profiled run of the pyinfra process, "
-          f"{total:.2f} s; child processes not included):\n")
-    for area, seconds in areas:
-        if seconds / total >= 0.005:
-            print(f"  {seconds / total:6.1%}  {seconds:6.2f} s  {area}")
-    print(f"\n(logs and the profile: {workdir}; `python -m pstats {profile_path}` for the details)")
+    areas = {size: dict(cpu_by_area(path)) for size, path in profiles.items()}
+    totals = {size: sum(areas[size].values()) or 1 for size in sizes}
+    print(f"\nwhere the controller's CPU goes (one profiled run of the pyinfra process each, {one} host and "
+          f"{many} hosts; child processes not included; the profiler slows Python code most):\n")
+    print(f"| area | {one} host | {many} hosts | per extra host |\n|---|---|---|---|")
+    for area in sorted(areas[many], key=lambda name: -areas[many][name]):
+        first, last = areas[one].get(area, 0.0), areas[many][area]
+        if last / totals[many] >= 0.005:
+            print(f"| {area} | {first:.2f} s ({first / totals[one]:.0%}) | {last:.2f} s ({last / totals[many]:.0%}) "
+                  f"| {(last - first) / max(many - one, 1) * 1000:.0f} ms |")
+    print(f"| total | {totals[one]:.2f} s | {totals[many]:.2f} s "
+          f"| {(totals[many] - totals[one]) / max(many - one, 1) * 1000:.0f} ms |")
+    if args.baseline:
+        print_comparison(every, sorted(fleets), args.baseline)
+    print(f"\n(logs and the profiles: {workdir}; `python -m pstats {profiles[many]}` for the details)")
+
+
+def print_comparison(every: dict, sizes: list[int], baseline: Path) -> None:
+    """This checkout over the baseline, measured in the same rounds: the ratio of their
+    medians, and the median of each round's ratio (a round's runs are minutes apart at
+    most, so the machine's changing load mostly cancels)."""
+    one, many = sizes[0], sizes[-1]
+
+    def figures(checkout: str, index: int | None = None) -> dict[str, float]:
+        def value(size: int, key: str) -> float:
+            values = [result[key] for result in every[checkout, size]]
+            return values[index] if index is not None else statistics.median(values)
+
+        found = {f"wall, {size} host(s)": value(size, "seconds") for size in sizes}
+        found.update({f"controller CPU / host, {size} host(s)": value(size, "cpu_per_host") for size in sizes})
+        if many > one:
+            found[f"wall, {many} hosts / 1 host"] = value(many, "seconds") / value(one, "seconds")
+            found["controller CPU / extra host"] = (
+                value(many, "cpu_per_host") * many - value(one, "cpu_per_host") * one) / (many - one)
+        return found
+
+    before, after = figures("baseline"), figures("this")
+    rounds = len(every["this", one])
+    per_round = [(figures("baseline", i), figures("this", i)) for i in range(rounds)]
+    print(f"\nthis checkout against {baseline}, in the same {rounds} rounds:\n")
+    print("| figure | baseline (median) | this (median) | this / baseline | median of each round's ratio |")
+    print("|---|---|---|---|---|")
+    for name in before:
+        unit = "" if "/ 1 host" in name else " s"
+        ratios = [b[name] and a[name] / b[name] for b, a in per_round]
+        print(f"| {name} | {before[name]:.3f}{unit} | {after[name]:.3f}{unit} | "
+              f"{after[name] / before[name]:.2f} | {statistics.median(ratios):.2f} |")
 
 
 if __name__ == "__main__":

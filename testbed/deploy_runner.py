@@ -61,14 +61,15 @@ def sandbox_data(endpoint: str, repo: str, model_file: str, **overrides) -> list
 
 def run_deploy(
     inventory: Path, *data: str, limit: str | None = None, timeout: int = 1800, env=None, command: str = "deploy.py",
-    python_args: tuple[str, ...] = (),
+    python_args: tuple[str, ...] = (), project: Path = PROJECT,
 ) -> DeployRun:
     """``command``: deploy.py, or the day-two status.py / uninstall.py. ``python_args`` go
-    before ``-m pyinfra`` (e.g. ``-m cProfile -o FILE``)."""
+    before ``-m pyinfra`` (e.g. ``-m cProfile -o FILE``). ``project``: the checkout to run
+    from (its deploy.py and its backchat, found first on ``python -m``'s path)."""
     args = [sys.executable, *python_args, "-m", "pyinfra", "-y", "--json", str(inventory), command]
     for item in data:
         args += ["--data", item]
     if limit:
         args += ["--limit", limit]
-    done = subprocess.run(args, cwd=PROJECT, capture_output=True, text=True, timeout=timeout, env=env)
+    done = subprocess.run(args, cwd=project, capture_output=True, text=True, timeout=timeout, env=env)
     return DeployRun(done.returncode, done.stdout, done.stderr)

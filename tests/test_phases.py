@@ -24,7 +24,7 @@ class FakeMeta:
 
 @pytest.fixture
 def clean(monkeypatch):
-    for name in ("_planned", "_skipped", "_started", "_seconds"):
+    for name in ("_planned", "_skipped", "_started", "_seconds", "_credited", "_debited"):
         monkeypatch.setattr(phases, name, {})
     monkeypatch.setattr(phases, "_failed", set())
     monkeypatch.setattr(outcomes, "_records", {})
@@ -116,3 +116,28 @@ def test_skipped_failed_and_not_run_steps_say_so(clean, monkeypatch):
     assert "ai-01: skipped images, compose up, verify: start = False" in table
     assert "4.0s FAILED" in table and "not run" in table
     assert phases.format_table([{"host": "ai-01", "result": "ok"}]) == ""  # status.py, uninstall.py
+
+
+def test_verify_inside_the_rollouts_operation_is_timed_as_verify(clean, monkeypatch):
+    """rollout.up_and_verify starts the stack and verifies it in one operation: the seconds
+    verify took are the verify step's, not compose up's; a host that never got to verify
+    says so."""
+    clock = SimpleNamespace(now=1000.0)
+    monkeypatch.setattr(phases, "time", SimpleNamespace(monotonic=lambda: clock.now))
+    upgraded, stopped = Host("ai-01"), Host("ai-02")
+    state = SimpleNamespace(inventory=[upgraded, stopped], failed_hosts=set(), ops={})
+    for each in (upgraded, stopped):
+        plan(each, {"images": ["pull"], "compose_up": ["up-and-verify"]})
+        with ctx_host.use(each):
+            phases.expect("verify")
+    phases.Timer.operation_host_start(state, upgraded, "up-and-verify")
+    clock.now += 30.0
+    upgraded.current_op_hash = "up-and-verify"
+    phases.credit(upgraded, "verify", 12.0)
+    phases.Timer.operation_host_success(state, upgraded, "up-and-verify")
+    state.ops[upgraded] = {"up-and-verify": SimpleNamespace(operation_meta=FakeMeta(True))}
+    summary = phases.summary(state, upgraded)
+    assert (summary["compose_up"]["seconds"], summary["compose_up"]["result"]) == (18.0, "changed")
+    assert (summary["verify"]["seconds"], summary["verify"]["result"]) == (12.0, "checked")
+    assert summary["total"]["seconds"] == 30.0
+    assert phases.summary(state, stopped)["verify"]["result"] == "not run"

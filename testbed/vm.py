@@ -491,10 +491,10 @@ class TestVM:
                 preexec_fn=llama_server._die_with_parent,  # nor may it outlive a killed pytest
             )
 
-    def wait_until_up(self) -> None:
+    def wait_until_up(self, timeout: float = SSH_TIMEOUT) -> None:
         """Wait for SSH on the boot ``launch`` started (``boot_seconds``: how long it took
         from the launch), then point apt at this VM's proxy."""
-        self._wait_for_ssh(SSH_TIMEOUT)
+        self._wait_for_ssh(timeout)
         self.boot_seconds = time.monotonic() - self._launched
         self.write_file(
             "/etc/apt/apt.conf.d/01proxy", f'Acquire::http::Proxy "{self.apt_proxy_url}";\n'
@@ -679,12 +679,14 @@ class TestVM:
         return f"TestVM(ssh={self.bind}:{self.ssh_port}, ports={self._ports})"
 
 
-def boot_all(stack: contextlib.ExitStack, vms: Sequence[TestVM]) -> list[TestVM]:
+def boot_all(stack: contextlib.ExitStack, vms: Sequence[TestVM], timeout: float = SSH_TIMEOUT) -> list[TestVM]:
     """Boot ``vms`` side by side: every QEMU starts before the first wait for SSH, so the
-    boots overlap. Each VM is closed (powered off) with ``stack``."""
+    boots overlap (``timeout``: for the last one to answer). Each VM is closed (powered
+    off) with ``stack``."""
     for vm in vms:
         stack.push(vm.__exit__)
         vm.launch()
+    deadline = time.monotonic() + timeout
     for vm in vms:
-        vm.wait_until_up()
+        vm.wait_until_up(max(deadline - time.monotonic(), 0.0))
     return list(vms)

@@ -8,13 +8,21 @@ so the cached image stays clean and every run starts from the same state.
 
 Networking is QEMU's user mode (slirp): the guest is 10.0.2.15 and sees the controller's
 127.0.0.1 as 10.0.2.2. The controller reaches the guest only through forwarded ports on
-127.0.0.1 (SSH, and whatever the test asks for). apt in the guest goes through
-``sandbox.AptProxy`` (only the Debian mirror), bound on the controller's 127.0.0.1.
+127.0.0.1 (SSH, and whatever the test asks for), or another loopback address (``bind``).
+apt in the guest goes through ``sandbox.AptProxy`` (only the Debian mirror), bound on the
+controller's 127.0.0.1.
+
+Several hosts without several installs: ``TestVM.freeze()`` keeps a deployed VM's disk as a
+qcow2 base, and ``TestVM(base=..., bind="127.0.0.2")`` boots a clone of it that the
+controller reaches at 127.0.0.2 on the same port numbers (``boot_all`` boots them side by
+side). Every slirp network is private to its QEMU, so clones sharing the machine-id, SSH
+host keys and Docker state of the original do not meet.
 
 ``llama_image_tar()`` is the stand-in for the llama.cpp server image: the cached sid root of
 ``llama_server`` plus curl (the upstream image has curl; backchat's healthcheck uses it).
 ``docker_archive()`` wraps such a rootfs as a ``docker save`` tarball (for the deploy's
-``image_archives`` setting) without needing Docker on the controller.
+``image_archives`` setting) without needing Docker on the controller;
+``failing_image_archive()`` is a kilobyte one whose image cannot start (a broken release).
 
 Needs root (debootstrap, chroot), qemu-system-x86, qemu-utils, e2fsprogs (mkfs.ext4 -d),
 openssh-client and a kernel + initrd in /boot with its modules in /lib/modules.
@@ -36,7 +44,7 @@ import subprocess
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from testbed import llama_server
@@ -75,10 +83,10 @@ HOST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 SSH_TIMEOUT = 300.0
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now (for a hostfwd: QEMU binds it a moment later)."""
+def free_port(address: str = "127.0.0.1") -> int:
+    """A TCP port free on ``address`` right now (for a hostfwd: QEMU binds it a moment later)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((address, 0))
         return s.getsockname()[1]
 
 
@@ -308,15 +316,21 @@ def cached_build(out: Path) -> Iterator[Path | None]:
             remove_tree(build)
 
 
-def docker_archive(layer: Path, images: Mapping[str, Mapping]) -> Path:
+def docker_archive(layer: Path, images: Mapping[str, Mapping], with_layer: bool = True) -> Path:
     """A cached ``docker save``-format tarball: for ``docker load`` with no Docker here.
 
     ``layer`` is a rootfs tarball (e.g. ``llama_image_tar()``), the one layer of every
     image; ``images`` maps each ``repo:tag`` to its image config (``Entrypoint``,
     ``StopSignal``...). The images share the layer, so Docker stores it once.
+
+    ``with_layer=False`` leaves the layer's bytes out: a kilobyte archive of new images on
+    an old layer. ``docker load`` reads a layer only if it lacks it, so this loads on a
+    host that has the layer already (from an archive with it), and fails on any other.
     """
     stat = layer.stat()
     key = {"layer": [layer.name, stat.st_size, int(stat.st_mtime)], "images": images, "version": 1}
+    if not with_layer:  # only then: archives made before this option keep their names
+        key["with_layer"] = False
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     out = CACHE / "roots" / f"images-{digest}.tar"
     if out.is_file():
@@ -355,7 +369,8 @@ def docker_archive(layer: Path, images: Mapping[str, Mapping]) -> Path:
                     info = tarfile.TarInfo(name)
                     info.size, info.mtime, info.mode = len(data), 946684800, 0o644
                     archive.addfile(info, io.BytesIO(data))
-                archive.add(layer, arcname=layer_path, recursive=False)
+                if with_layer:
+                    archive.add(layer, arcname=layer_path, recursive=False)
             os.rename(tmp, out)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -363,17 +378,42 @@ def docker_archive(layer: Path, images: Mapping[str, Mapping]) -> Path:
     return out
 
 
+# An image's entrypoint that no layer has: its containers are created, and fail to start.
+MISSING_ENTRYPOINT = "/backchat-test/no-such-entrypoint"
+
+
+def empty_layer() -> Path:
+    """A cached rootfs tarball with nothing in it (a valid layer of 10 KB)."""
+    out = CACHE / "roots" / "empty-layer.tar"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with cached_build(out) as build:
+        if build is not None:
+            with tarfile.open(build / "layer.tar", "w"):
+                pass
+            os.rename(build / "layer.tar", out)
+    return out
+
+
+def failing_image_archive(tag: str) -> Path:
+    """A cached ``docker save`` tarball (kilobytes) of ``tag`` as an image that fails to
+    start: an empty layer and an entrypoint that is not there (a broken release)."""
+    return docker_archive(empty_layer(), {tag: {"Entrypoint": [MISSING_ENTRYPOINT]}})
+
+
 # --------------------------------------------------------------------------- the VM
 
 
 class TestVM:
-    """A booted trixie VM on a throwaway overlay of ``vm_disk_image()``.
+    """A booted trixie VM on a throwaway overlay of ``vm_disk_image()`` (or of ``base``, a
+    qcow2 disk from ``freeze()``).
 
-    ``ports`` maps guest TCP ports to controller ports on 127.0.0.1 (None: a free one);
-    by default guest 8080 gets a free port. SSH (guest 22) is always forwarded. Use as a
-    context manager: it boots and waits for SSH (``SSH_TIMEOUT``), and on exit powers the
-    guest off (then kills QEMU), stops the apt proxy and deletes the overlay. The serial
-    console log and QEMU's own output stay in ``workdir``.
+    ``ports`` maps guest TCP ports to controller ports on ``bind`` (None: a free one); by
+    default guest 8080 gets a free port. SSH (guest 22) is always forwarded, on ``bind``
+    too. Use as a context manager: it boots and waits for SSH (``SSH_TIMEOUT``), and on
+    exit powers the guest off (then kills QEMU), stops the apt proxy and deletes the
+    overlay. The serial console log and QEMU's own output stay in ``workdir``.
     """
 
     __test__ = False  # not a pytest test class, whatever its name
@@ -384,25 +424,31 @@ class TestVM:
         ports: Mapping[int, int | None] | None = None,
         memory_mb: int = 6144,
         cpus: int = 2,
+        base: Path | None = None,
+        bind: str = "127.0.0.1",
     ) -> None:
         self._own_workdir = workdir is None
         self.workdir = Path(workdir) if workdir else None
         self._wanted_ports = dict({8080: None} if ports is None else ports)
         self.memory_mb = memory_mb
         self.cpus = cpus
+        self.base = Path(base).resolve() if base else None
+        self.bind = bind
         self.ssh_port = 0
         self.key_path = ""
         self.apt_proxy_url = ""
         self.boot_seconds = 0.0
         self._ports: dict[int, int] = {}
         self._qemu: subprocess.Popen | None = None
+        self._launched = 0.0
         self._stack = contextlib.ExitStack()
 
     # -- lifecycle -------------------------------------------------------------------
 
     def __enter__(self) -> TestVM:
         try:
-            self._start()
+            self.launch()
+            self.wait_until_up()
         except BaseException:
             self._stack.close()
             raise
@@ -411,35 +457,19 @@ class TestVM:
     def __exit__(self, *exc) -> None:
         self._stack.close()
 
-    def _start(self) -> None:
-        stack = self._stack
-        base = vm_disk_image()
-        key = base.parent / "id_ed25519"
-        if self.workdir is None:
-            VM_DIR.mkdir(parents=True, exist_ok=True)
-            self.workdir = Path(tempfile.mkdtemp(prefix="run-", dir=VM_DIR))
-            stack.callback(shutil.rmtree, self.workdir, ignore_errors=True)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        # ssh refuses a private key that others can read; keep a 0600 copy per run.
-        self.key_path = str(self.workdir / "id_ed25519")
-        shutil.copyfile(key, self.key_path)
-        os.chmod(self.key_path, 0o600)
-
-        overlay = self.workdir / "overlay.qcow2"
+    def launch(self) -> None:
+        """Start QEMU and return at once (``wait_until_up`` waits for SSH); ``__exit__``
+        undoes it. For booting several VMs side by side (``boot_all``)."""
+        if not self.key_path:
+            self._prepare()
+        overlay = self._overlay_path
         overlay.unlink(missing_ok=True)
-        sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", overlay)
-        stack.callback(overlay.unlink, missing_ok=True)
-
-        proxy = AptProxy("127.0.0.1")
-        stack.callback(proxy.close)
-        proxy_port = proxy.server.server_address[1]
-        self.apt_proxy_url = f"http://{SLIRP_HOST}:{proxy_port}"
-
-        self.ssh_port = free_port()
-        self._ports = {g: (h if h else free_port()) for g, h in self._wanted_ports.items()}
-        fwds = [f"hostfwd=tcp:127.0.0.1:{self.ssh_port}-:22"]
-        fwds += [f"hostfwd=tcp:127.0.0.1:{h}-:{g}" for g, h in self._ports.items()]
-
+        if self.base is None:
+            sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", vm_disk_image(), "-F", "raw", overlay)
+        else:
+            sh("qemu-img", "create", "-q", "-f", "qcow2", "-b", self.base, "-F", "qcow2", overlay)
+        fwds = [f"hostfwd=tcp:{self.bind}:{self.ssh_port}-:22"]
+        fwds += [f"hostfwd=tcp:{self.bind}:{h}-:{g}" for g, h in self._ports.items()]
         vmlinuz, initrd, _ = boot_kernel()
         cmd = [
             QEMU, "-accel", "tcg", "-cpu", "max", "-smp", str(self.cpus), "-m", str(self.memory_mb),
@@ -450,8 +480,8 @@ class TestVM:
             "-netdev", "user,id=n0," + ",".join(fwds), "-device", "virtio-net-pci,netdev=n0",
             "-object", "rng-random,id=rng0,filename=/dev/urandom", "-device", "virtio-rng-pci,rng=rng0",
         ]  # fmt: skip
-        started = time.monotonic()
-        with open(self.workdir / "qemu.log", "wb") as qemu_log:
+        self._launched = time.monotonic()
+        with open(self.workdir / "qemu.log", "ab") as qemu_log:
             self._qemu = subprocess.Popen(
                 cmd,
                 stdin=subprocess.DEVNULL,
@@ -460,12 +490,68 @@ class TestVM:
                 start_new_session=True,  # a Ctrl-C in pytest must not kill it before teardown
                 preexec_fn=llama_server._die_with_parent,  # nor may it outlive a killed pytest
             )
-        stack.callback(self._stop_qemu)
-        self._wait_for_ssh(SSH_TIMEOUT)
-        self.boot_seconds = time.monotonic() - started
+
+    def wait_until_up(self, timeout: float = SSH_TIMEOUT) -> None:
+        """Wait for SSH on the boot ``launch`` started (``boot_seconds``: how long it took
+        from the launch), then point apt at this VM's proxy."""
+        self._wait_for_ssh(timeout)
+        self.boot_seconds = time.monotonic() - self._launched
         self.write_file(
             "/etc/apt/apt.conf.d/01proxy", f'Acquire::http::Proxy "{self.apt_proxy_url}";\n'
         )
+
+    def freeze(self, wait: bool = True) -> Path:
+        """Power the guest off, keep its disk as a qcow2 base (``workdir/deployed.qcow2``)
+        and boot it again on a new overlay of that base, with the same forwarded ports.
+
+        Returns the base: ``TestVM(base=...)`` boots clones of this VM as it is now, with
+        what the deploy installed, in a boot rather than a deploy. The base must not change
+        while anything boots from it, so this VM writes to its new overlay only; it is
+        deleted with this VM (close the clones first). ``wait=False`` returns once QEMU
+        starts (call ``wait_until_up``), so clones can boot alongside.
+        """
+        assert self.workdir is not None and self._qemu is not None, "freeze a running VM"
+        self._stop_qemu()
+        # QEMU truncates the console log on boot: keep the first boot's beside it.
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(self.serial_log_path, self.serial_log_path.with_name("serial-before-freeze.log"))
+        frozen = self.workdir / "deployed.qcow2"
+        os.replace(self._overlay_path, frozen)
+        self._stack.callback(frozen.unlink, missing_ok=True)
+        self.base = frozen
+        self.launch()
+        if wait:
+            self.wait_until_up()
+        return frozen
+
+    @property
+    def _overlay_path(self) -> Path:
+        assert self.workdir is not None
+        return self.workdir / "overlay.qcow2"
+
+    def _prepare(self) -> None:
+        """What every boot of this VM shares: workdir, key, apt proxy, ports, teardown."""
+        stack = self._stack
+        key = vm_disk_image().parent / "id_ed25519"
+        if self.workdir is None:
+            VM_DIR.mkdir(parents=True, exist_ok=True)
+            self.workdir = Path(tempfile.mkdtemp(prefix="run-", dir=VM_DIR))
+            stack.callback(shutil.rmtree, self.workdir, ignore_errors=True)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        stack.callback(self._overlay_path.unlink, missing_ok=True)
+        # ssh refuses a private key that others can read; keep a 0600 copy per run.
+        self.key_path = str(self.workdir / "id_ed25519")
+        shutil.copyfile(key, self.key_path)
+        os.chmod(self.key_path, 0o600)
+
+        proxy = AptProxy("127.0.0.1")
+        stack.callback(proxy.close)
+        proxy_port = proxy.server.server_address[1]
+        self.apt_proxy_url = f"http://{SLIRP_HOST}:{proxy_port}"
+
+        self.ssh_port = free_port(self.bind)
+        self._ports = {g: (h if h else free_port(self.bind)) for g, h in self._wanted_ports.items()}
+        stack.callback(self._stop_qemu)
 
     def _stop_qemu(self) -> None:
         proc, self._qemu = self._qemu, None
@@ -508,7 +594,7 @@ class TestVM:
 
     def ssh_command(self, *argv: str) -> list[str]:
         """argv for the OpenSSH client to run a command in the guest as root."""
-        return ["ssh", *self._ssh_options(), "-p", str(self.ssh_port), "root@127.0.0.1", *argv]
+        return ["ssh", *self._ssh_options(), "-p", str(self.ssh_port), f"root@{self.bind}", *argv]
 
     def run(
         self, cmd: str, check: bool = True, timeout: float | None = 900, input: str | None = None
@@ -523,7 +609,7 @@ class TestVM:
     def copy_to(self, local: Path | str, remote: str, timeout: float = 900) -> None:
         sh(
             "scp", *self._ssh_options(), "-q", "-P", str(self.ssh_port), local,
-            f"root@127.0.0.1:{remote}", timeout=timeout,
+            f"root@{self.bind}:{remote}", timeout=timeout,
         )  # fmt: skip
 
     def _boot_id(self) -> str | None:
@@ -545,7 +631,7 @@ class TestVM:
                 return boot_id
             if time.monotonic() > deadline:
                 raise TimeoutError(
-                    f"no SSH to the VM on 127.0.0.1:{self.ssh_port} after {timeout:.0f}s; "
+                    f"no SSH to the VM on {self.bind}:{self.ssh_port} after {timeout:.0f}s; "
                     f"serial console:\n{self.serial_log()}"
                 )
             time.sleep(2)
@@ -562,7 +648,7 @@ class TestVM:
     # -- what tests need -------------------------------------------------------------
 
     def forwarded_port(self, guest_port: int) -> int:
-        """The 127.0.0.1 port on the controller that reaches guest_port."""
+        """The port on the controller's ``bind`` address that reaches guest_port."""
         return self._ports[guest_port]
 
     def expose_host_port(self, port: int) -> None:
@@ -587,7 +673,20 @@ class TestVM:
 
     def pyinfra_data(self) -> dict:
         """Host data for pyinfra's @ssh connector (through the forwarded SSH port)."""
-        return ssh_host_data("127.0.0.1", self.ssh_port, self.key_path)
+        return ssh_host_data(self.bind, self.ssh_port, self.key_path)
 
     def __repr__(self) -> str:
-        return f"TestVM(ssh=127.0.0.1:{self.ssh_port}, ports={self._ports})"
+        return f"TestVM(ssh={self.bind}:{self.ssh_port}, ports={self._ports})"
+
+
+def boot_all(stack: contextlib.ExitStack, vms: Sequence[TestVM], timeout: float = SSH_TIMEOUT) -> list[TestVM]:
+    """Boot ``vms`` side by side: every QEMU starts before the first wait for SSH, so the
+    boots overlap (``timeout``: for the last one to answer). Each VM is closed (powered
+    off) with ``stack``."""
+    for vm in vms:
+        stack.push(vm.__exit__)
+        vm.launch()
+    deadline = time.monotonic() + timeout
+    for vm in vms:
+        vm.wait_until_up(max(deadline - time.monotonic(), 0.0))
+    return list(vms)

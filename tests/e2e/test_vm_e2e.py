@@ -493,11 +493,12 @@ def test_three_hosts_from_the_deployed_vm(e2e: E2E) -> None:
     e2e.done.add("trio")
 
 
-@pytest.mark.xfail(reason="needs the rollout feature", strict=False)
 def test_rolling_upgrade_rolls_back_the_failing_host(e2e: E2E) -> None:
     """A new llama.cpp image, one host at a time (rollout_batch_size = 1): host 1 upgrades
     and answers; on host 2 the release fails to start, so host 2 is rolled back to the image
-    it ran and still answers, host 3 is held back untouched, and the run fails.
+    it ran and still answers, host 3 is held back untouched, and the run fails. Then
+    rollback.py changes nothing on hosts that run their last verified state, and puts back
+    a host left on files that never verified.
 
     Host 2's archive of the new tag is a broken image (``failing_image_archive``); hosts 1
     and 3 get a working one. Afterwards the clones are powered off; the VM is left on
@@ -528,15 +529,43 @@ def test_rolling_upgrade_rolls_back_the_failing_host(e2e: E2E) -> None:
         )  # fmt: skip
         e2e.phase("deploy 7 (rolling upgrade, rolled back on host 2)", run.seconds)
         assert run.returncode != 0, explain(run, e2e)
+        rows = {entry["host"]: entry for entry in run.report}
         assert running_image(vm_1, "llamacpp") == NEW_LLAMA_IMAGE, explain(run, e2e)
         assert MODEL_ID in listed_models(e2e, TRIO[host_1])
+        assert (rows[host_1]["result"], rows[host_1].get("rollout")) == ("ok", "upgraded"), run.report
+        # Host 2: the new image never started; it runs the old one again, and says so.
         assert running_image(vm_2, "llamacpp") == LLAMA_IMAGE, explain(run, e2e)
         assert MODEL_ID in listed_models(e2e, TRIO[host_2])
+        assert rows[host_2]["result"] == "FAILED", run.report
+        assert rows[host_2]["rollout"] == "rolled back to its last verified state (serving again)", run.report
+        assert "docker compose up failed" in rows[host_2]["failure"], run.report
+        assert "the rollout stopped here" in rows[host_2]["failure"], run.report
+        # Host 3: not one container restarted, its files as they were.
         assert {service: container_id(vm_3, service) for service in SERVICES} == held_back
         assert vm_3.run(compose_file).stdout == held_back_compose
-        rollout = {entry["host"]: entry.get("rollout", "") for entry in run.report}
-        assert rollout[host_2].startswith("rolled back"), run.report
-        assert rollout[host_3].startswith("held back"), run.report
+        assert rows[host_3]["result"] == "held back", run.report
+        assert rows[host_3]["rollout"].startswith(f"held back: {host_2} failed"), run.report
+        assert MODEL_ID in listed_models(e2e, TRIO[host_3])
+        e2e.done.add("rollout")
+
+        # rollback.py: every host runs its last verified state; nothing to change.
+        again = deploy(e2e, "8-rollback-noop", archives=False, hosts=hosts, command="rollback.py")
+        e2e.phase("rollback.py, every host on its last verified state", again.seconds)
+        assert again.returncode == 0, explain(again, e2e)
+        assert again.deploy.changed_ops() == [], explain(again, e2e)
+        # A host a run left on files that never verified (here: by hand, the broken image):
+        # rollback.py puts it back on its last verified state, and only that host changes.
+        vm_2.run(f"sed -i 's|image: {LLAMA_IMAGE}|image: {NEW_LLAMA_IMAGE}|' /opt/backchat/docker-compose.yaml")
+        vm_2.run("docker compose --project-directory /opt/backchat -p backchat up -d", check=False)
+        assert running_image(vm_2, "llamacpp") == NEW_LLAMA_IMAGE
+        back = deploy(e2e, "9-rollback", archives=False, hosts=hosts, command="rollback.py")
+        e2e.phase("rollback.py, one host put back", back.seconds)
+        assert back.returncode == 0, explain(back, e2e)
+        assert back.deploy.changed_ops() == back.deploy.changed_ops(host_2) != [], explain(back, e2e)
+        assert running_image(vm_2, "llamacpp") == LLAMA_IMAGE, explain(back, e2e)
+        assert MODEL_ID in listed_models(e2e, TRIO[host_2])
+        assert {entry["host"]: entry.get("rollout") for entry in back.report}[host_2] == (
+            "returned to its last verified state"), back.report
     finally:
         e2e.phase("power off the clones", _power_off(e2e.trio))
 

@@ -557,7 +557,7 @@ def test_rolling_upgrade_rolls_back_the_failing_host(e2e: E2E) -> None:
         # rollback.py puts it back on its last verified state, and only that host changes.
         vm_2.run(f"sed -i 's|image: {LLAMA_IMAGE}|image: {NEW_LLAMA_IMAGE}|' /opt/backchat/docker-compose.yaml")
         vm_2.run("docker compose --project-directory /opt/backchat -p backchat up -d", check=False)
-        assert running_image(vm_2, "llamacpp") == NEW_LLAMA_IMAGE
+        assert not container_id(vm_2, "llamacpp"), "the broken image started"
         back = deploy(e2e, "9-rollback", archives=False, hosts=hosts, command="rollback.py")
         e2e.phase("rollback.py, one host put back", back.seconds)
         assert back.returncode == 0, explain(back, e2e)

@@ -483,7 +483,8 @@ def test_three_hosts_from_the_deployed_vm(e2e: E2E) -> None:
     ]
     e2e.trio = vmh.boot_all(e2e.stack, clones, TRIO_BOOT_TIMEOUT)
     e2e.vm.wait_until_up(TRIO_BOOT_TIMEOUT)
-    e2e.phase("boot the VM and its two clones to SSH (side by side)", max(vm.boot_seconds for vm in [e2e.vm, *clones]))
+    slowest = max(vm.boot_seconds for vm in [e2e.vm, *clones])
+    e2e.phase("boot the VM and its two clones to SSH (side by side)", slowest)
 
     run = deploy(e2e, "6-three-hosts", hosts=trio_hosts(e2e))
     e2e.phase("deploy 6 (three hosts: the VM and two clones)", run.seconds)

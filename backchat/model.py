@@ -91,6 +91,12 @@ def fetch(cfg) -> bool:
         host.noop(f"{cfg.model_file} verified earlier and unchanged (not re-read)")
         return True
 
+    replaced = (state.get("marker") or {}).get("sha256")
+    if replaced and replaced != source.sha256 and state.get("size"):
+        # One name holds one file: said before the old bytes go, since nothing can bring them back.
+        host.log_styled(f"{cfg.model_file} on the host is another model (sha256 {replaced[:12]}...): it is "
+                        "replaced in place, so no rollback can return to it. To keep both, give the new "
+                        "model its own model_file name", fg="yellow")
     # What the host must still store: the missing tail of the .part, less whatever a file
     # that fails its check frees when fetch-model.sh removes it.
     needed = max(source.size - state["part_size"] - (state["size"] or 0), 0)

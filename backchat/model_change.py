@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pyinfra import host
 
-from backchat import own_paths
+from backchat import outcomes, own_paths
 from backchat.facts import VerifiedModels
 
 
@@ -50,4 +50,12 @@ def remove_old(cfg) -> None:
         name=f"Remove the previous model ({', '.join(old)}): {cfg.model_file} is verified and running",
         root=cfg.models_dir,
         paths=[path for name in old for path in files_of(name)],
+        unless=_held_back,
     )
+
+
+def _held_back() -> str | None:
+    """A host the rollout held back still runs the previous model (backchat/rollout.py)."""
+    if outcomes.records().get(host.name, {}).get("verify") == outcomes.HELD_BACK:
+        return "the rollout held this host back: it still runs the previous model"
+    return None

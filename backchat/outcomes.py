@@ -9,6 +9,9 @@ from __future__ import annotations
 from pyinfra import host, logger
 from pyinfra.api import FunctionCommand, operation
 
+# The report's verify value for a host the rollout stopped before it (backchat/rollout.py).
+HELD_BACK = "held back"
+
 _records: dict[str, dict] = {}
 _planned_refusals: dict[str, str] = {}
 

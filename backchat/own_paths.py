@@ -7,7 +7,10 @@ alone whatever is a link or under one. Used by uninstall.py and after a model ch
 
 from __future__ import annotations
 
+from typing import Callable
+
 from pyinfra import host
+from pyinfra.context import state as current_state
 from pyinfra.api import QuoteString, StringCommand, operation
 
 from backchat.facts import OWN_PATHS_SCRIPT, OwnPaths
@@ -19,14 +22,19 @@ def removals(found: dict[str, str], paths: list[str]) -> bool:
 
 
 @operation(is_idempotent=False)
-def remove_own(root: str, paths: list[str]):
+def remove_own(root: str, paths: list[str], unless: Callable[[], str | None] | None = None):
     """
     Remove the files among ``paths`` under our directory ``root``, then the directories
     among them that are left empty; never through a symlink.
 
     + root: one of backchat's directories (stack_dir, models_dir, backstage_app_dir)
     + paths: relative to root, files first, directories deepest first ("." is root)
+    + unless: asked while executing; a reason it returns keeps everything (said as a no-op)
     """
+    why = unless() if unless and current_state.is_executing else None
+    if why:
+        host.noop(f"kept: {why}")
+        return
     found = host.get_fact(OwnPaths, root=root, paths=paths)
     left = [f"{root}/{path} ({kind})" for path, kind in found.items() if kind in ("link", "unsafe", "other")]
     if left:

@@ -159,7 +159,7 @@ def up_and_verify(cfg, plan):
     saved = host.get_fact(VerifiedState, directory=saved_dir(cfg), paths=plan.files)
     if changing and stopped():
         # Held back: the files this run wrote go back to what the running containers read.
-        outcomes.record(host.name, verify="held back", rollout=f"held back: {stopped()}")
+        outcomes.record(host.name, verify=outcomes.HELD_BACK, rollout=f"held back: {stopped()}")
         host.log_styled(f"held back, containers untouched: {stopped()}", fg="yellow")
         if has_saved(saved):
             yield restore_command(cfg, plan.files)

@@ -4,8 +4,11 @@ command run here on a temporary directory), and what removing one removes."""
 from __future__ import annotations
 
 import subprocess
+from types import SimpleNamespace
 
-from backchat import model_change
+from pyinfra.context import ctx_host
+
+from backchat import model_change, outcomes
 from backchat.facts import VerifiedModels
 
 
@@ -42,3 +45,11 @@ def test_a_previous_model_goes_with_everything_fetch_model_sh_wrote_for_it():
     assert model_change.described({"a.gguf": 4_368_450_304, "gone.gguf": None}) == (
         "a.gguf (4,368,450,304 bytes), gone.gguf"
     )
+
+
+def test_a_host_the_rollout_held_back_keeps_its_previous_model(monkeypatch):
+    monkeypatch.setattr(outcomes, "_records", {"ai-01": {"verify": outcomes.HELD_BACK}, "ai-02": {"verify": "pass"}})
+    with ctx_host.use(SimpleNamespace(name="ai-01")):
+        assert "held this host back" in model_change._held_back()
+    with ctx_host.use(SimpleNamespace(name="ai-02")):
+        assert model_change._held_back() is None

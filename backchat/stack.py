@@ -157,7 +157,6 @@ class Plan:
     services: list[str]
     files: list[str]  # every file the stack reads (what the last verified state keeps)
     files_changed: bool
-    restart: list[str]  # services whose files changed under a running container
     up_commands: Callable[[list[str]], list]  # stale services -> the commands that bring the stack up
     rollback_commands: list  # recreate every container on the files just restored
 

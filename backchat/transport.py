@@ -103,6 +103,33 @@ def prepare_run(state, host) -> None:
     order_operations_without_inspect()
     remember_global_argument_types()
     read_host_data_once_per_call()
+    run_hosts_in_inventory_order(state)
+
+
+class _InInventoryOrder(set):
+    """A set of hosts that iterates in the inventory's order (``order``: host -> position)."""
+
+    def __init__(self, hosts, order: dict):
+        super().__init__(hosts)
+        self.order = order
+
+    def __iter__(self):
+        return iter(sorted(set.__iter__(self), key=lambda each: self.order.get(each, len(self.order))))
+
+
+def run_hosts_in_inventory_order(state) -> None:
+    """Make an operation's batches (``_parallel``, the rollout's) follow the inventory's order.
+
+    pyinfra (3.x, ``api/operations.py``, ``_run_single_op``) cuts its batches from
+    ``inventory.get_active_hosts()``, a list of ``state.active_hosts``, which is a plain
+    set: the order of the batches is then the set's, not the inventory's, and a rollout in
+    batches of one would upgrade the hosts in no order a user can predict. pyinfra only
+    adds to it and removes from it in place (``activate_host``, ``fail_hosts``), so the set
+    keeps this type. Belongs upstream.
+    """
+    if not isinstance(state.active_hosts, _InInventoryOrder):
+        order = {each: position for position, each in enumerate(state.inventory)}
+        state.active_hosts = _InInventoryOrder(state.active_hosts, order)
 
 
 def send_small_packets_now(host) -> None:

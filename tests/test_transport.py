@@ -214,3 +214,17 @@ def iter_read(fd):
     while chunk := os.read(fd, 65536):
         yield from chunk
     os.close(fd)
+
+
+def test_batches_follow_the_inventorys_order():
+    """pyinfra cuts an operation's batches from state.active_hosts: after prepare_run they
+    come in the inventory's order, and stay so as pyinfra adds and fails hosts in place."""
+    names = [f"ai-{n:02d}" for n in range(12)]
+    state = SimpleNamespace(inventory=names, active_hosts=set(reversed(names[:-1])))
+    transport.run_hosts_in_inventory_order(state)
+    assert list(state.active_hosts) == names[:-1]
+    state.active_hosts.add(names[-1])
+    state.active_hosts -= {"ai-03"}
+    assert list(state.active_hosts) == [name for name in names if name != "ai-03"]
+    transport.run_hosts_in_inventory_order(state)  # once per host of a run: the same set stays
+    assert list(state.active_hosts)[:2] == ["ai-00", "ai-01"]

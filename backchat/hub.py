@@ -19,6 +19,7 @@ it had fetched it itself (one HEAD request, no bytes). The cache stays the norma
 Hashing 4.4 GB takes about ten seconds, every time; the verdict is cached in
 ``$XDG_CACHE_HOME/backchat/controller-verified.json`` keyed by the blob's real path, size,
 mtime and inode, so a later run (or a later host) trusts the blob without reading it.
+``hub-answers.json`` beside it keeps what the Hub said of a commit (``remembered_answer``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,12 @@ import shutil
 import sys
 from pathlib import Path
 
+from backchat import local_files
+
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
+COMMIT = re.compile(r"^[0-9a-f]{40}$")
+VERIFIED_FILE = "controller-verified.json"  # in local_files.cache_dir()
+ANSWERS_FILE = "hub-answers.json"
 CHUNK = 8 * 1024 * 1024
 
 
@@ -74,12 +80,47 @@ def resolve(endpoint: str, repo: str, filename: str, revision: str, token: str |
     return {"repo": repo, "filename": filename, "commit": meta.commit_hash, "sha256": sha256, "size": meta.size}
 
 
+def _load(name: str) -> dict:
+    try:
+        return json.loads((local_files.cache_dir() / name).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _store(name: str, entries: dict) -> None:
+    local_files.replace(local_files.cache_dir() / name,
+                        (json.dumps(entries, indent=1, sort_keys=True) + "\n").encode(), 0o644)
+
+
+# --- the Hub's answers for commits -------------------------------------------------
+# A commit's files never change, so what the Hub said of one (its sha256 and size) holds
+# for good: a re-run pinned to a commit (the default) starts no child and asks nothing.
+
+
+def _answer_key(endpoint: str, repo: str, filename: str, commit: str) -> str:
+    return " ".join((endpoint, repo, filename, commit))
+
+
+def remembered_answer(endpoint: str, repo: str, filename: str, revision: str) -> dict | None:
+    """What ``resolve`` answered earlier for this commit, or None (a branch is always asked)."""
+    if not COMMIT.match(revision):
+        return None
+    answer = _load(ANSWERS_FILE).get(_answer_key(endpoint, repo, filename, revision))
+    if not isinstance(answer, dict) or answer.get("commit") != revision or not SHA256.match(answer.get("sha256", "")):
+        return None
+    return answer
+
+
+def remember_answer(endpoint: str, revision: str, answer: dict) -> None:
+    """Keep ``resolve``'s answer when it was asked by commit (a branch's answer can change)."""
+    if answer.get("commit") != revision or not COMMIT.match(revision):
+        return
+    answers = _load(ANSWERS_FILE)
+    answers[_answer_key(endpoint, answer["repo"], answer["filename"], revision)] = answer
+    _store(ANSWERS_FILE, answers)
+
+
 # --- the controller's verified copy ------------------------------------------------
-
-
-def _verified_cache_file() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "backchat" / "controller-verified.json"
 
 
 def _stat_key(path: Path) -> dict:
@@ -88,10 +129,7 @@ def _stat_key(path: Path) -> dict:
 
 
 def _load_verified() -> dict:
-    try:
-        return json.loads(_verified_cache_file().read_text())
-    except (OSError, ValueError):
-        return {}
+    return _load(VERIFIED_FILE)
 
 
 def is_known_good(path: Path, sha256: str) -> bool:
@@ -103,13 +141,9 @@ def is_known_good(path: Path, sha256: str) -> bool:
 
 
 def _remember_good(path: Path, sha256: str) -> None:
-    cache = _verified_cache_file()
-    cache.parent.mkdir(parents=True, exist_ok=True)
     known = _load_verified()
     known[sha256] = _stat_key(path)
-    tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(known, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, cache)
+    _store(VERIFIED_FILE, known)
 
 
 def known_good_blob(sha256: str) -> dict | None:

@@ -1,7 +1,8 @@
 """Step 2, on the controller: which bytes each host must hold, and where they come from.
 
 The controller asks the Hub (or ``HF_ENDPOINT``) which commit the revision is, and the
-file's sha256 and size (``resolve``: once per run, however many hosts). ``model_source``
+file's sha256 and size (``resolve``: once per run, however many hosts, and only once ever
+for a revision that is a commit, as the default is). ``model_source``
 then says where the bytes come from (``choose_source``, a pure decision table):
 
 * ``hub``: each host downloads by that commit from the Hub, resuming any partial file.
@@ -112,26 +113,37 @@ _lookups: dict[tuple, ResolvedModel | ModelSourceError] = {}
 _started: dict[tuple, Callable[[], dict]] = {}
 
 
+def _remembered(key: tuple) -> bool:
+    """Fill ``_lookups`` from the Hub's earlier answer for this commit, if there is one."""
+    endpoint, repo, filename, revision, _token = key
+    answer = hub.remembered_answer(endpoint, repo, filename, revision)
+    if answer:
+        _lookups[key] = ResolvedModel(endpoint=endpoint, revision=revision, **answer)
+    return bool(answer)
+
+
 def start_resolve(endpoint: str, repo: str, filename: str, revision: str, token: Secret | None) -> None:
     """Start the lookup ``resolve`` will need, so that it runs while the hosts are read
     (a child process of its own: about a second of a re-run that otherwise waits for it)."""
     key = (endpoint, repo, filename, revision, token)
     with _lookup_lock:
-        if key not in _lookups and key not in _started:
+        if key not in _lookups and key not in _started and not _remembered(key):
             _started[key] = start_hub([endpoint, repo, filename, revision], token)
 
 
 def resolve(endpoint: str, repo: str, filename: str, revision: str, token: Secret | None) -> ResolvedModel:
-    """Ask the Hub for the commit, sha256 and size of one file: once per run, not per host."""
+    """Ask the Hub for the commit, sha256 and size of one file: once per run, not per host,
+    and never again for a commit it has answered for (``hub.remembered_answer``)."""
     key = (endpoint, repo, filename, revision, token)
     with _lookup_lock:
-        if key not in _lookups:
+        if key not in _lookups and not _remembered(key):
             started = _started.pop(key, None)
             answer = started() if started else run_hub([endpoint, repo, filename, revision], token)
             if "error" in answer:
                 _lookups[key] = ModelSourceError(answer["error"], unreachable=bool(answer.get("unreachable")))
             else:
                 _lookups[key] = ResolvedModel(endpoint=endpoint, revision=revision, **answer)
+                hub.remember_answer(endpoint, revision, answer)
     found = _lookups[key]
     if isinstance(found, ModelSourceError):
         raise found

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from backchat import local_files
 from backchat.addresses import behind_front_door
 from backchat.secrets import Secret
 
@@ -50,31 +51,6 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
 
 
-def _write_new(path: Path, data: bytes, mode: int) -> None:
-    """Create ``path`` once: never through a link, never over another run's file."""
-    try:
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    except FileExistsError:
-        return
-    with os.fdopen(descriptor, "wb") as out:
-        out.write(data)
-
-
-def _replace(path: Path, data: bytes, mode: int) -> None:
-    """Write ``path`` whole (a temporary file renamed over it), never through a link."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.unlink(missing_ok=True)
-    _write_new(temporary, data, mode)
-    os.replace(temporary, path)
-
-
-def _private_dir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if path.is_symlink() or path.stat().st_mode & 0o077:
-        raise ValueError(f"{path} must be a directory only you can read. Fix: chmod 700 {path}")
-    return path
-
-
 def _key_pem(key) -> bytes:
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
@@ -82,7 +58,7 @@ def _key_pem(key) -> bytes:
 
 def certificate_authority(ca_dir: str):
     """The controller's CA (private key, certificate), made on first use."""
-    directory = _private_dir(Path(ca_dir))
+    directory = local_files.private_dir(Path(ca_dir))
     key_path, cert_path = directory / "ca.key", directory / "ca.crt"
     if not key_path.exists():
         key = ec.generate_private_key(ec.SECP256R1())
@@ -100,8 +76,8 @@ def certificate_authority(ca_dir: str):
                                          encipher_only=False, decipher_only=False), critical=True)
             .sign(key, hashes.SHA256())
         )
-        _write_new(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-        _write_new(key_path, _key_pem(key), 0o600)
+        local_files.write_new(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        local_files.write_new(key_path, _key_pem(key), 0o600)
     if key_path.is_symlink() or key_path.stat().st_mode & 0o077:
         raise ValueError(f"{key_path} can be read by others. Fix: chmod 600 {key_path}")
     key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
@@ -132,7 +108,7 @@ def host_certificate(cfg, host_name: str, names) -> HostCertificate:
         )
     ca_key, ca_cert = certificate_authority(cfg.tls_ca_dir)
     wanted = alt_names(names)
-    hosts_dir = _private_dir(Path(cfg.tls_ca_dir) / "hosts")
+    hosts_dir = local_files.private_dir(Path(cfg.tls_ca_dir) / "hosts")
     cert_path, key_path = hosts_dir / f"{_slug(host_name)}.crt", hosts_dir / f"{_slug(host_name)}.key"
     if not (cert_path.exists() and key_path.exists()) or _needs_new(cert_path, ca_cert, wanted):
         key = ec.generate_private_key(ec.SECP256R1())
@@ -149,8 +125,8 @@ def host_certificate(cfg, host_name: str, names) -> HostCertificate:
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .sign(ca_key, hashes.SHA256())
         )
-        _replace(key_path, _key_pem(key), 0o600)
-        _replace(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        local_files.replace(key_path, _key_pem(key), 0o600)
+        local_files.replace(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return HostCertificate(cert_path.read_text(), Secret(key_path.read_text()), str(Path(cfg.tls_ca_dir) / "ca.crt"))
 
 

@@ -137,6 +137,66 @@ def test_a_failed_lookup_is_not_repeated_either(monkeypatch):
     assert len(calls) == 1
 
 
+COMMIT = "c" * 40
+
+
+def _answer(commit=COMMIT):
+    return {"repo": "r/m", "filename": "f.gguf", "commit": commit, "sha256": SHA, "size": 5}
+
+
+def _new_run(monkeypatch):
+    monkeypatch.setattr(model_source, "_lookups", {})
+    monkeypatch.setattr(model_source, "_started", {})
+
+
+def test_the_hub_is_never_asked_again_about_a_commit(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(model_source, "run_hub", lambda args, token: calls.append(args) or _answer())
+    monkeypatch.setattr(model_source, "start_hub", lambda args, token: pytest.fail("a child for a known commit"))
+    _new_run(monkeypatch)
+    assert model_source.resolve("http://hub", "r/m", "f.gguf", COMMIT, None).sha256 == SHA
+    assert len(calls) == 1
+    _new_run(monkeypatch)  # the next run, from the same controller
+    again = model_source.resolve("http://hub", "r/m", "f.gguf", COMMIT, None)
+    assert len(calls) == 1 and (again.commit, again.sha256, again.size) == (COMMIT, SHA, 5)
+    _new_run(monkeypatch)
+    model_source.start_resolve("http://hub", "r/m", "f.gguf", COMMIT, None)  # starts no child (see start_hub)
+    _new_run(monkeypatch)  # another endpoint, file or commit is another question
+    model_source.resolve("http://other-hub", "r/m", "f.gguf", COMMIT, None)
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("revision, answer", [
+    ("main", _answer()),  # a branch moves: its answer is never kept
+    ("d" * 40, _answer(commit=COMMIT)),  # the Hub answered for another commit than asked
+    (COMMIT, {"error": "down", "unreachable": True}),  # no answer, nothing kept
+])
+def test_only_an_answer_for_the_commit_asked_is_kept(monkeypatch, tmp_path, revision, answer):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(model_source, "run_hub", lambda args, token: calls.append(args) or answer)
+    for _run in range(2):
+        _new_run(monkeypatch)
+        try:
+            model_source.resolve("http://hub", "r/m", "f.gguf", revision, None)
+        except ModelSourceError:
+            pass
+    assert len(calls) == 2
+
+
+def test_the_answers_file_is_replaced_never_written_through_a_link(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    victim = tmp_path / "victim"
+    victim.write_text("untouched\n")
+    (tmp_path / "backchat").mkdir()
+    (tmp_path / "backchat" / hub.ANSWERS_FILE).symlink_to(victim)
+    hub.remember_answer("http://hub", COMMIT, _answer())
+    assert victim.read_text() == "untouched\n"
+    assert not (tmp_path / "backchat" / hub.ANSWERS_FILE).is_symlink()
+    assert hub.remembered_answer("http://hub", "r/m", "f.gguf", COMMIT)["sha256"] == SHA
+
+
 # --- backchat.hub.resolve against a stand-in Hub (huggingface_hub speaking HTTP to it) --------
 
 

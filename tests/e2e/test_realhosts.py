@@ -212,6 +212,22 @@ def test_second_run_changes_nothing(first_run, fleet, hub, tmp_path):
     assert commands <= NOOP_COMMANDS_MAX, f"a no-op run ran {commands} commands on the host (sshd's count)"
 
 
+def test_a_rerun_pinned_to_a_commit_asks_the_hub_nothing(first_run, fleet, hub, model_bytes, tmp_path):
+    """The default settings pin a commit and its sha256: what the Hub said of a commit never
+    changes, so after one run the controller asks it nothing (and starts no lookup process)."""
+    inventory, _ = first_run
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}  # this controller's cache, empty
+    pinned = deploy_data(hub, model_revision=hub.commit, model_sha256=hashlib.sha256(model_bytes).hexdigest())
+    before = len(hub.requests)
+    first = run_deploy(inventory, *pinned, limit="ai-trixie", env=env)
+    assert first.returncode == 0 and first.changed_ops() == [], first
+    asked = len(hub.requests)
+    assert asked > before, "the first run with an empty cache asks the Hub"
+    again = run_deploy(inventory, *pinned, limit="ai-trixie", env=env)
+    assert again.returncode == 0 and again.changed_ops() == [], again
+    assert hub.requests[asked:] == [], "a re-run pinned to a commit asked the Hub again"
+
+
 def test_a_rerun_without_y_verifies_and_reports_without_asking(first_run, fleet, hub):
     """The README's command (no -y) on an unchanged host: nothing to confirm, so it goes on
     to verify and the report, with no terminal to answer a question (stdin closed). With a

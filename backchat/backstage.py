@@ -456,6 +456,27 @@ def _api_template(service: str, model_id: str, where: str) -> dict:
     return _load(resources.render("openai-api.yaml.j2", service=service, model_id=model_id, where=where))
 
 
+def openapi_yaml(cfg, service: str, servers: list[dict], where: str = "on this host") -> str:
+    """``openapi_definition`` as the catalog's YAML text. The parts every host shares are
+    dumped once per run; each host adds only its ``servers`` (and the key's ``security``)."""
+    before, after = _api_text_around_servers(service, cfg.model_id, where)
+    security = _catalog_yaml({"security": [{"apiKey": []}]}) if cfg.api_key else ""
+    return before + _catalog_yaml({"servers": servers}) + after + security
+
+
+@functools.lru_cache(maxsize=64)
+def _api_text_around_servers(service: str, model_id: str, where: str) -> tuple[str, str]:
+    template = _api_template(service, model_id, where)
+    keys = list(template)
+    at = keys.index("servers")
+    return (_catalog_yaml({key: template[key] for key in keys[:at]}),
+            _catalog_yaml({key: template[key] for key in keys[at + 1:]}))
+
+
+def _catalog_yaml(data) -> str:
+    return yaml.dump(data, Dumper=_CatalogDumper, sort_keys=False)
+
+
 def api_servers(served: Served, service: str, url: str, backend: str) -> list[dict]:
     """The servers an API definition lists: Backstage's proxy first when the backend needs
     a key (the browser has none), then the host itself (for clients holding the key)."""
@@ -513,15 +534,15 @@ def _gateway_entities(door: Door, served: tuple[Served, ...], backend: str) -> l
             "dependsOn": [f"component:{each.name(each.cfg.backend)}" for each in served],
         },
     }
-    definition = openapi_definition(door.cfg, GATEWAY, api_servers(door, GATEWAY, url, backend),
-                                    where="for the whole lab, load-balanced over every AI host")
+    definition = openapi_yaml(door.cfg, GATEWAY, api_servers(door, GATEWAY, url, backend),
+                              where="for the whole lab, load-balanced over every AI host")
     entity = {
         "apiVersion": "backstage.io/v1alpha1",
         "kind": "API",
         "metadata": {"name": api, "description": f"OpenAI-compatible API of the whole lab at {url}/v1"},
         "spec": {
             "type": "openapi", "lifecycle": "experimental", "owner": "platform-team", "system": SYSTEM,
-            "definition": yaml.dump(definition, Dumper=_CatalogDumper, sort_keys=False),
+            "definition": definition,
         },
     }
     return [component, entity]
@@ -557,7 +578,7 @@ def _host_entities(served: Served, backend: str, with_apis: bool = True) -> list
             component["metadata"]["links"] = links
         entities.append(component)
     for service, url in apis.items():
-        definition = openapi_definition(cfg, service, api_servers(served, service, url, backend))
+        definition = openapi_yaml(cfg, service, api_servers(served, service, url, backend))
         entities.append(
             {
                 "apiVersion": "backstage.io/v1alpha1",
@@ -571,7 +592,7 @@ def _host_entities(served: Served, backend: str, with_apis: bool = True) -> list
                     "lifecycle": "experimental",
                     "owner": "platform-team",
                     "system": SYSTEM,
-                    "definition": yaml.dump(definition, Dumper=_CatalogDumper, sort_keys=False),
+                    "definition": definition,
                 },
             }
         )

@@ -641,3 +641,15 @@ def test_uninstall_takes_our_proxy_endpoints_and_keeps_the_apps():
     assert backstage.without_ours(mine, cfg) == {"proxy": {"endpoints": {"/their-api": {"target": "http://theirs"}}}}
     alone = backstage.our_config(cfg, ADDRESS)
     assert backstage.restored_config(yaml.safe_dump(alone), None, cfg) is None, "nothing of theirs: no file"
+
+
+@pytest.mark.parametrize("api_key", [None, "k3y-abcdefgh-0123456789"])
+@pytest.mark.parametrize("servers", [[], [{"url": "https://a.lab/v1", "description": "on a"}],
+                                     [{"url": "https://b/v1", "description": "x"}, {"url": "https://c/v1", "description": "y\nz"}]])
+def test_the_api_text_is_the_definition_dumped_whole(api_key, servers):
+    """The catalog's API text is put together from parts dumped once per run: it must be
+    byte for byte what dumping each host's whole definition gives."""
+    cfg = make_cfg(api_key=api_key)
+    whole = yaml.dump(backstage.openapi_definition(cfg, "localai", servers), Dumper=backstage._CatalogDumper,
+                      sort_keys=False)
+    assert backstage.openapi_yaml(cfg, "localai", servers) == whole

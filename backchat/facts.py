@@ -17,21 +17,27 @@ from pyinfra.api import FactBase
 
 # One line per item so the parser never depends on the host's locale or tool versions.
 _CORES_SCRIPT = r"""
-echo "online $(cat /sys/devices/system/cpu/online 2>/dev/null)"
-echo "allowed $(sed -n 's/^Cpus_allowed_list:[[:space:]]*//p' /proc/self/status)"
+{ read -r online < /sys/devices/system/cpu/online; } 2>/dev/null
+echo "online $online"
+while read -r key value; do [ "$key" = Cpus_allowed_list: ] && echo "allowed $value"; done < /proc/self/status
 for cpu in /sys/devices/system/cpu/cpu[0-9]*; do
   [ -d "$cpu/topology" ] || continue
-  echo "cpu ${cpu##*/cpu} $(cat "$cpu/topology/physical_package_id" 2>/dev/null) $(cat "$cpu/topology/core_id" 2>/dev/null)"
+  package= core=
+  { read -r package < "$cpu/topology/physical_package_id"; read -r core < "$cpu/topology/core_id"; } 2>/dev/null
+  echo "cpu ${cpu##*/cpu} $package $core"
 done
-cg=$(sed -n 's/^0:://p' /proc/self/cgroup 2>/dev/null)
+cg=
+while read -r line; do case $line in 0::*) cg=${line#0::};; esac; done 2>/dev/null < /proc/self/cgroup
 dir="/sys/fs/cgroup${cg%/}"
 while [ -n "$dir" ]; do
-  [ -r "$dir/cpu.max" ] && echo "quota $(cat "$dir/cpu.max")"
+  [ -r "$dir/cpu.max" ] && read -r quota < "$dir/cpu.max" && echo "quota $quota"
   [ "$dir" = /sys/fs/cgroup ] && break
   dir=${dir%/*}
 done
 if [ -r /sys/fs/cgroup/cpu/cpu.cfs_quota_us ]; then
-  echo "quota $(cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us) $(cat /sys/fs/cgroup/cpu/cpu.cfs_period_us)"
+  read -r quota < /sys/fs/cgroup/cpu/cpu.cfs_quota_us
+  read -r period < /sys/fs/cgroup/cpu/cpu.cfs_period_us
+  echo "quota $quota $period"
 fi
 echo "logical $(getconf _NPROCESSORS_ONLN 2>/dev/null || nproc)"
 """
@@ -120,30 +126,13 @@ class PhysicalCores(FactBase):
     """
 
     def command(self) -> str:
-        return f"sh -c {shlex.quote(_CORES_SCRIPT)}"
+        return _CORES_SCRIPT  # run by the shell pyinfra starts: no second one
 
     def process(self, output):
         return count_physical_cores(list(output))
 
 
 # --- memory and disk -------------------------------------------------------------
-
-
-class MemTotalMb(FactBase):
-    """Returns the host's total memory in MB (MemTotal of /proc/meminfo).
-
-    Not pyinfra's ``hardware.Memory``: it runs ``vmstat`` (procps), which minimal Debian
-    and Ubuntu images do not have; /proc/meminfo is always there.
-    """
-
-    def command(self) -> str:
-        return "sed -n 's/^MemTotal:[[:space:]]*\\([0-9]*\\) kB/\\1/p' /proc/meminfo"
-
-    def process(self, output):
-        for line in output:
-            if line.strip().isdigit():
-                return int(line) // 1024
-        return None
 
 
 class FreeDiskBytes(FactBase):
@@ -164,26 +153,24 @@ class FreeDiskBytes(FactBase):
         return None
 
 
-class InitSystem(FactBase):
-    """Returns the name of PID 1 (``systemd`` on a booted host; a shell or nothing in a chroot)."""
+class HostBasics(FactBase):
+    """Returns what preflight checks, in one command: ID, VERSION_ID, VERSION_CODENAME and
+    PRETTY_NAME from /etc/os-release, the dpkg architecture, the total memory in MB
+    (``memory_mb``) and the name of PID 1 (``init``: ``systemd`` on a booted host; a shell or
+    nothing in a chroot).
 
-    def command(self) -> str:
-        return "cat /proc/1/comm 2>/dev/null || true"
-
-    def process(self, output):
-        return output[0].strip() if output else ""
-
-
-class OsRelease(FactBase):
-    """Returns ID, VERSION_ID and VERSION_CODENAME from /etc/os-release, plus the dpkg architecture.
-
-    Not pyinfra's ``server.LinuxDistribution`` + ``deb.DebArch``: two commands where one
-    does, and LinuxDistribution parses the release files in a temporary directory on the
-    controller for every host; preflight needs four values.
+    Not pyinfra's ``server.LinuxDistribution`` + ``deb.DebArch`` + ``hardware.Memory``: three
+    commands where one does; LinuxDistribution parses the release files in a temporary
+    directory on the controller for every host, and Memory runs ``vmstat`` (procps), which
+    minimal Debian and Ubuntu images do not have.
     """
 
     def command(self) -> str:
-        return "cat /etc/os-release 2>/dev/null; echo ARCH=$(dpkg --print-architecture 2>/dev/null || uname -m)"
+        return (
+            "cat /etc/os-release 2>/dev/null; echo ARCH=$(dpkg --print-architecture 2>/dev/null || uname -m); "
+            "while read -r key value _; do [ \"$key\" = MemTotal: ] && echo \"MEMTOTAL_KB=$value\"; done < /proc/meminfo; "
+            "{ read -r init < /proc/1/comm; } 2>/dev/null; echo \"INIT=$init\""
+        )
 
     def process(self, output):
         info = {}
@@ -191,12 +178,15 @@ class OsRelease(FactBase):
             key, sep, value = line.partition("=")
             if sep:
                 info[key.strip()] = value.strip().strip('"')
+        memory = info.get("MEMTOTAL_KB", "")
         return {
             "id": info.get("ID", ""),
             "version_id": info.get("VERSION_ID", ""),
             "codename": info.get("VERSION_CODENAME", ""),
             "pretty_name": info.get("PRETTY_NAME", ""),
             "arch": info.get("ARCH", ""),
+            "memory_mb": int(memory) // 1024 if memory.isdigit() else None,
+            "init": info.get("INIT", ""),
         }
 
 
@@ -465,25 +455,22 @@ class OwnPaths(FactBase):
 
 # --- the files and directories a step writes -------------------------------------------
 
-# One line per path that exists: kind mode user group sha256 path, never following a link
-# at the path itself. Arguments: the number of paths whose text is wanted too, then those
-# paths, then the others. A text comes base64-encoded after its path's line (exact bytes);
-# a link's is its target's, when that is a file (a config may be a link to the real one).
+# Every path in one ``stat`` (which never follows a link at the path), every regular file
+# in one ``sha256sum``: a few processes however many paths, not a few per path (on a fleet
+# the hosts' forks are most of a re-run's time). Arguments: the number of paths whose text
+# is wanted too, then those paths, then the others. A text comes base64-encoded (exact
+# bytes); a link's is its target's, when that is a file (a config may be a link to the real one).
 PATH_STATES_SCRIPT = r"""
 read=$1; shift
+stat -c 'stat %F|%a|%U|%G|%n' -- "$@" 2>/dev/null
 for p in "$@"; do
-  if [ -L "$p" ]; then
-    echo "link - - - - $p"
-    if [ "$read" -gt 0 ] && [ -f "$p" ]; then echo "text $(base64 -w 0 < "$p")"; fi
-  elif [ -f "$p" ]; then
-    sum=$(sha256sum < "$p" 2>/dev/null) || sum=-
-    echo "file $(stat -c '%a %U %G' -- "$p") ${sum%% *} $p"
-    if [ "$read" -gt 0 ]; then echo "text $(base64 -w 0 < "$p")"; fi
-  elif [ -d "$p" ]; then echo "directory $(stat -c '%a %U %G' -- "$p") - $p"
-  elif [ -e "$p" ]; then echo "other - - - - $p"
-  fi
+  [ "$read" -gt 0 ] && [ -f "$p" ] && echo "text $(base64 -w 0 < "$p") $p"
   read=$((read - 1))
+  shift
+  [ -f "$p" ] && [ ! -L "$p" ] && set -- "$@" "$p"
 done
+[ $# -eq 0 ] || sha256sum -- "$@" 2>/dev/null
+exit 0
 """
 
 
@@ -500,33 +487,42 @@ class PathStates(FactBase):
     def command(self, paths: list[str], texts: list[str] = ()) -> str:
         ordered = [*texts, *(path for path in paths if path not in texts)]
         quoted = " ".join(shlex.quote(path) for path in ordered)
-        return f"sh -c {shlex.quote(PATH_STATES_SCRIPT)} path-states {len(texts)} {quoted}"
+        return f"set -- {len(texts)} {quoted}\n{PATH_STATES_SCRIPT}"  # in pyinfra's shell: no second one
 
     def process(self, output):
         return parse_path_states(list(output))
 
 
+_KINDS = {"regular file": "file", "regular empty file": "file", "directory": "directory", "symbolic link": "link"}
+
+
 def parse_path_states(lines: list[str]) -> dict[str, dict]:
     found: dict[str, dict] = {}
-    last = None
+    texts: dict[str, str | None] = {}
+    sums: dict[str, str] = {}
     for line in lines:
-        if line.split(" ", 1)[0] == "text" and last is not None:
+        word, _, rest = line.partition(" ")
+        if word == "stat":
+            fields = rest.split("|", 4)
+            if len(fields) == 5:
+                kind, mode, user, group, path = fields
+                kind = _KINDS.get(kind, "other")
+                owned = kind in ("file", "directory")
+                found[path] = {"kind": kind, "mode": mode if owned else None, "user": user if owned else None,
+                               "group": group if owned else None, "sha256": None}
+        elif word == "text":
+            encoded, _, path = rest.partition(" ")
             try:
-                last["text"] = base64.b64decode(line[5:].strip()).decode()
+                texts[path] = base64.b64decode(encoded).decode()
             except (ValueError, UnicodeDecodeError):
-                last["text"] = None  # not text: treated as a file to replace
-            continue
-        fields = line.split(" ", 5)
-        if len(fields) != 6 or fields[0] not in ("file", "directory", "link", "other"):
-            continue
-        kind, mode, user, group, sha256, path = fields
-        last = found[path] = {
-            "kind": kind,
-            "mode": None if mode == "-" else mode,
-            "user": None if user == "-" else user,
-            "group": None if group == "-" else group,
-            "sha256": None if sha256 == "-" else sha256,
-        }
+                texts[path] = None  # not text: treated as a file to replace
+        elif len(word) == 64 and rest.startswith(" "):  # sha256sum: "<sum>  <path>"
+            sums[rest[1:]] = word
+    for path, entry in found.items():
+        if entry["kind"] == "file":
+            entry["sha256"] = sums.get(path)
+        if path in texts:
+            entry["text"] = texts[path]
     return found
 
 

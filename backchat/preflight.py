@@ -9,7 +9,7 @@ from __future__ import annotations
 from pyinfra import host
 
 from backchat import addresses, gateway, outcomes
-from backchat.facts import COMPOSE_PROJECT, ComposeStack, InitSystem, ListeningPorts, MemTotalMb, MissingUsers, OsRelease
+from backchat.facts import COMPOSE_PROJECT, ComposeStack, HostBasics, ListeningPorts, MissingUsers
 
 # The process Docker publishes a container's port with (userland proxy).
 DOCKER_PROXY = "docker-proxy"
@@ -107,8 +107,8 @@ def _listening_locally() -> dict[int, str]:
 def check(cfg, serves_ai: bool = True, runs_gateway: bool = False) -> dict | None:
     """Read the host's OS, RAM, ports and users; queue a refusal and return None when it
     cannot be served (as an AI host, the lab's gateway, or both)."""
-    os_info = host.get_fact(OsRelease)
-    found = problems(cfg, os_info, host.get_fact(MemTotalMb), host.get_fact(InitSystem), serves_ai)
+    os_info = host.get_fact(HostBasics)
+    found = problems(cfg, os_info, os_info["memory_mb"], os_info["init"], serves_ai)
     if cfg.start:
         listening = _listening_locally() if host.name == "@local" else host.get_fact(ListeningPorts)
         held_by_docker = any(listening.get(port) == DOCKER_PROXY for port in wanted_ports(cfg, serves_ai, runs_gateway))

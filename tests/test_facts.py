@@ -9,9 +9,8 @@ import pytest
 from backchat.facts import (
     ComposeStack,
     FreeDiskBytes,
-    MemTotalMb,
+    HostBasics,
     ModelFile,
-    OsRelease,
     PathStates,
     PhysicalCores,
     count_physical_cores,
@@ -88,19 +87,22 @@ def test_core_fact_matches_psutil_on_this_machine():
 
 
 def test_memory_and_disk_facts_on_this_machine(tmp_path):
-    memory = run_fact_here(MemTotalMb())
-    assert abs(memory - psutil.virtual_memory().total // 2**20) <= 1
+    basics = run_fact_here(HostBasics())
+    assert abs(basics["memory_mb"] - psutil.virtual_memory().total // 2**20) <= 1
+    assert basics["id"] == "debian" and basics["arch"] == "amd64" and basics["init"], basics
     # A path that does not exist yet is measured on its nearest existing parent.
     free = run_fact_here(FreeDiskBytes(), path=str(tmp_path / "not" / "yet"))
     assert abs(free - psutil.disk_usage(str(tmp_path)).free) < 64 * 2**20
 
 
 def test_os_release_parser():
-    lines = ['PRETTY_NAME="Debian GNU/Linux 13 (trixie)"', 'ID=debian', 'VERSION_ID="13"', "VERSION_CODENAME=trixie", "ARCH=amd64"]
-    assert OsRelease().process(lines) == {
+    lines = ['PRETTY_NAME="Debian GNU/Linux 13 (trixie)"', 'ID=debian', 'VERSION_ID="13"', "VERSION_CODENAME=trixie",
+             "ARCH=amd64", "MEMTOTAL_KB=8150000", "INIT=systemd"]
+    assert HostBasics().process(lines) == {
         "id": "debian", "version_id": "13", "codename": "trixie",
-        "pretty_name": "Debian GNU/Linux 13 (trixie)", "arch": "amd64",
+        "pretty_name": "Debian GNU/Linux 13 (trixie)", "arch": "amd64", "memory_mb": 7958, "init": "systemd",
     }
+    assert HostBasics().process(["ID=debian", "MEMTOTAL_KB=", "INIT="])["memory_mb"] is None  # no /proc/meminfo
 
 
 def test_model_file_fact_on_this_machine(tmp_path):
@@ -191,7 +193,9 @@ def test_path_states_on_this_machine_never_follow_a_link(tmp_path):
     (tmp_path / "empty").write_text("")
     (tmp_path / "link").symlink_to(secret)
     (tmp_path / "config-link.yaml").symlink_to(config)
-    paths = [str(tmp_path / name) for name in ("dir", "dir/.env", "link", "missing", "a path with spaces")]
+    (tmp_path / "a file with spaces").write_text("x\n")
+    paths = [str(tmp_path / name) for name in ("dir", "dir/.env", "link", "missing", "a path with spaces",
+                                               "a file with spaces")]
     texts = [str(config), str(tmp_path / "config-link.yaml"), str(tmp_path / "empty"), str(tmp_path / "gone.yaml")]
     found = run_fact_here(PathStates(), paths=paths, texts=texts)
     user = subprocess.run(["id", "-un"], capture_output=True, text=True).stdout.strip()
@@ -205,10 +209,16 @@ def test_path_states_on_this_machine_never_follow_a_link(tmp_path):
     assert found[str(tmp_path / "config-link.yaml")]["kind"] == "link"
     assert found[str(tmp_path / "config-link.yaml")]["text"] == "a: 1\nno newline at the end"
     assert found[str(tmp_path / "empty")].get("text", "") == ""
+    assert found[str(tmp_path / "a file with spaces")]["sha256"] == hashlib.sha256(b"x\n").hexdigest()
     assert not {str(tmp_path / "missing"), str(tmp_path / "gone.yaml"), str(tmp_path / "a path with spaces")} & set(found)
 
 
 def test_path_states_parser_takes_paths_with_spaces():
-    found = parse_path_states(["file 644 root root abc /opt/my stack/x.yaml", "text eDogMQo=", "junk", "directory 755 root root - /opt"])
-    assert found["/opt/my stack/x.yaml"] == {"kind": "file", "mode": "644", "user": "root", "group": "root", "sha256": "abc", "text": "x: 1\n"}
-    assert found["/opt"]["kind"] == "directory" and "text" not in found["/opt"]
+    sha = "a" * 64
+    found = parse_path_states(["stat regular file|644|root|root|/opt/my stack/x.yaml", "text eDogMQo= /opt/my stack/x.yaml",
+                               "junk", "stat directory|755|root|root|/opt", f"{sha}  /opt/my stack/x.yaml",
+                               "stat symbolic link|777|root|root|/opt/l", "stat fifo|644|root|root|/opt/f"])
+    assert found["/opt/my stack/x.yaml"] == {"kind": "file", "mode": "644", "user": "root", "group": "root", "sha256": sha, "text": "x: 1\n"}
+    assert found["/opt"]["kind"] == "directory" and "text" not in found["/opt"] and found["/opt"]["sha256"] is None
+    assert found["/opt/l"] == {"kind": "link", "mode": None, "user": None, "group": None, "sha256": None}
+    assert found["/opt/f"]["kind"] == "other" and set(found) == {"/opt/my stack/x.yaml", "/opt", "/opt/l", "/opt/f"}

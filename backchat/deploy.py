@@ -32,6 +32,9 @@ def deploy_backchat():
 
     if this.serves_ai:
         model.look_up_early(cfg)  # the Hub answers while preflight and step 1 read the host
+    if this.serves_ai or this.runs_gateway:  # what the steps read while planning, in one command
+        transport.read_ahead(host, preflight.reads(cfg) + docker.reads() + (
+            model.reads(cfg) + stack.reads(cfg) + model_change.reads(cfg) if this.serves_ai else []))
     if this.serves_ai or this.runs_gateway:
         os_info = preflight.check(cfg, this.serves_ai, this.runs_gateway)  # unsupported hosts are refused
         if not os_info:

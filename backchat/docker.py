@@ -114,6 +114,11 @@ def trusted_key(cfg, os_id: str) -> str:
     return text
 
 
+def reads() -> list[tuple[type, dict]]:
+    """The facts ``install`` reads whatever it finds (``transport.read_ahead``)."""
+    return [(DebPackages, {})]
+
+
 def install(cfg, os_info: dict) -> bool:
     """Docker Engine + compose v2, enabled at boot when the host runs services.
 

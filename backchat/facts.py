@@ -613,3 +613,59 @@ class VerifiedState(FactBase):
                 saved, live, path = (None if value == "-" else value for value in fields)
                 found[path] = {"saved": saved, "live": live}
         return found
+
+
+# --- several facts in one command ----------------------------------------------------
+
+_PART = "@@backchat-fact"
+
+
+def _command_text(command) -> str:
+    return command if isinstance(command, str) else command.get_raw_value()
+
+
+class Together(FactBase):
+    """
+    Returns each of ``facts`` (pairs of a fact class and its keyword arguments), read in one
+    command, as a list of ``(read, value)``: ``value`` is what the fact alone returns when
+    ``read``; a part whose command failed, or needs a program the host lacks (pyinfra's
+    ``requires_command``), is ``(False, None)``, to be read alone so pyinfra says why.
+
+    Why: on a fleet every command is an SSH session each host's sshd starts, on the hosts'
+    CPUs; a no-op re-run reads five things before it knows it has nothing to do.
+    """
+
+    default = list
+
+    def command(self, facts: list) -> str:
+        parts = []
+        for index, (cls, kwargs) in enumerate(facts):
+            fact = cls()
+            run = f"( {_command_text(fact.command(**kwargs))}\n) 2>/dev/null; echo \"{_PART} {index} $?\""
+            needs = fact.requires_command(**kwargs) if callable(fact.requires_command) else fact.requires_command
+            if needs:
+                run = f"if command -v {_command_text(needs)} >/dev/null 2>&1; then {run}; else echo '{_PART} {index} missing'; fi"
+            parts.append(run)
+        return "\n".join(parts)
+
+    def process(self, output):
+        return list(output)
+
+    @staticmethod
+    def values(facts: list, lines: list[str]) -> list[tuple[bool, object]]:
+        """``process``'s lines, split per fact and given to that fact's own ``process``."""
+        found, part = {}, []
+        for line in lines:
+            if line.startswith(f"{_PART} "):
+                _, index, status = line.split(" ", 2)
+                if index.isdigit():
+                    found[int(index)] = (status == "0", part)
+                part = []
+            else:
+                part.append(line)
+        values = []
+        for index, (cls, _kwargs) in enumerate(facts):
+            read, lines_of_fact = found.get(index, (False, []))
+            fact = cls()
+            values.append((read, (fact.process(lines_of_fact) if lines_of_fact else fact.default()) if read else None))
+        return values

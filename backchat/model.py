@@ -45,6 +45,15 @@ def marker_path(cfg) -> str:
     return f"{cfg.models_dir}/.{cfg.model_file}.verified"
 
 
+def reads(cfg) -> list[tuple[type, dict]]:
+    """The facts ``fetch`` reads whatever it finds (``transport.read_ahead``)."""
+    return [_file_fact(cfg)]
+
+
+def _file_fact(cfg) -> tuple[type, dict]:
+    return ModelFile, {"path": cfg.model_path, "marker": marker_path(cfg)}
+
+
 def disk_problem(cfg, needed_bytes: int) -> str | None:
     free = host.get_fact(FreeDiskBytes, path=cfg.models_dir)
     if free is not None and free < needed_bytes:
@@ -76,7 +85,8 @@ def source_for(cfg) -> Source:
 
 def fetch(cfg) -> bool:
     """Queue what puts the verified model on this host; False if the host was refused."""
-    state = host.get_fact(ModelFile, path=cfg.model_path, marker=marker_path(cfg))
+    fact, arguments = _file_fact(cfg)
+    state = host.get_fact(fact, **arguments)
     script = f"{cfg.stack_dir}/bin/fetch-model"
     try:
         source = source_for(cfg)

@@ -27,9 +27,19 @@ def files_of(model_file: str) -> list[str]:
     return [model_file, f"{model_file}.part", f"{model_file}.lock", marker, f"{marker}.tmp"]
 
 
+def reads(cfg) -> list[tuple[type, dict]]:
+    """The facts ``remove_old`` reads whatever it finds (``transport.read_ahead``)."""
+    return [_verified_models(cfg)]
+
+
+def _verified_models(cfg) -> tuple[type, dict]:
+    return VerifiedModels, {"models_dir": cfg.models_dir}
+
+
 def old_models(cfg) -> dict[str, int | None]:
     """The models this host was given before, not the current one: name -> size."""
-    found = host.get_fact(VerifiedModels, models_dir=cfg.models_dir)
+    fact, arguments = _verified_models(cfg)
+    found = host.get_fact(fact, **arguments)
     return {name: size for name, size in sorted(found.items()) if name != cfg.model_file}
 
 

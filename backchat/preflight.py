@@ -104,6 +104,17 @@ def _listening_locally() -> dict[int, str]:
     return ports
 
 
+def reads(cfg) -> list[tuple[type, dict]]:
+    """The facts ``check`` reads whatever it finds (``transport.read_ahead``)."""
+    return [(HostBasics, {}),
+            *([(ListeningPorts, {})] if cfg.start and host.name != "@local" else []),
+            *([_missing_users(cfg)] if cfg.docker_users else [])]
+
+
+def _missing_users(cfg) -> tuple[type, dict]:
+    return MissingUsers, {"names": list(cfg.docker_users)}
+
+
 def check(cfg, serves_ai: bool = True, runs_gateway: bool = False) -> dict | None:
     """Read the host's OS, RAM, ports and users; queue a refusal and return None when it
     cannot be served (as an AI host, the lab's gateway, or both)."""
@@ -118,7 +129,8 @@ def check(cfg, serves_ai: bool = True, runs_gateway: bool = False) -> dict | Non
             host.get_fact(ComposeStack, project_dir=directory, project=project) for directory, project in projects)
         found += port_problems(cfg, listening, ours, serves_ai, runs_gateway)
     if cfg.docker_users:
-        found += user_problems(host.get_fact(MissingUsers, names=list(cfg.docker_users)))
+        fact, arguments = _missing_users(cfg)
+        found += user_problems(host.get_fact(fact, **arguments))
     if found:
         outcomes.refuse_host("; ".join(found))
         return None

@@ -143,6 +143,11 @@ def certificate_paths(cfg) -> tuple[str, str, str, str]:
     return directory, f"{directory}/{tls.CERT_FILE}", f"{directory}/{tls.KEY_FILE}", f"{directory}/{DOOR_KEY_MAP}"
 
 
+def reads(cfg) -> list[tuple[type, dict]]:
+    """The facts steps 3 and 4 read whatever they find (``transport.read_ahead``)."""
+    return [(PhysicalCores, {}), *([(DockerImageTags, {})] if cfg.start and cfg.image_archives else [])]
+
+
 def tune() -> dict:
     """The host's physical cores (the fact the thread knobs are set from)."""
     return host.get_fact(PhysicalCores)

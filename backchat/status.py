@@ -163,13 +163,13 @@ def check(cfg):
     if not current_state.is_executing:
         host.noop("will report the containers, images, model, threads and /v1/models")
         return
-    entry, problems = assess(
-        cfg,
-        host.get_fact(ComposeProject, project=COMPOSE_PROJECT),
-        host.get_fact(ModelFile, path=cfg.model_path, marker=model.marker_path(cfg)),
-        text_of(host.get_fact(FileContents, path=f"{cfg.stack_dir}/docker-compose.yaml")),
-        host.get_fact(PhysicalCores),
-    )
+    compose, model_file, compose_file, cores = transport.read_together(host, [  # one command, not four
+        (ComposeProject, {"project": COMPOSE_PROJECT}),
+        (ModelFile, {"path": cfg.model_path, "marker": model.marker_path(cfg)}),
+        (FileContents, {"path": f"{cfg.stack_dir}/docker-compose.yaml"}),
+        (PhysicalCores, {}),
+    ])
+    entry, problems = assess(cfg, compose, model_file, text_of(compose_file), cores)
     probe, address = verify.probe_for(cfg, host)
     once = dataclasses.replace(cfg, verify_timeout=0, verify_chat=False)  # one attempt, no question
     results = verify.check_all(once, address, probe)

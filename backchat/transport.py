@@ -79,6 +79,8 @@ pyinfra_host = importlib.import_module("pyinfra.api.host")
 from pyinfra.api.arguments import CONNECTOR_ARGUMENT_KEYS
 from pyinfra.connectors.util import make_unix_command, make_unix_command_for_host
 
+from backchat.facts import Together
+
 # Feed: given the command's first line of output, the bytes to send to its stdin.
 Feed = Callable[[str], Iterable[bytes]]
 
@@ -297,6 +299,57 @@ def _plan_changes_anything(state) -> bool:
             if state.get_op_data_for_host(each, op_hash).operation_meta._maybe_is_change is not False:
                 return True
     return False
+
+
+# --- facts read at once ------------------------------------------------------------
+# A host's facts, read in one command (``facts.Together``) instead of one SSH session each.
+
+
+def _fact_key(cls, kwargs: dict) -> tuple:
+    return cls, repr(sorted(kwargs.items()))
+
+
+def read_together(host, wanted: list[tuple[type, dict]]) -> list:
+    """The values of ``wanted`` (fact class, keyword arguments) on ``host``, as
+    ``host.get_fact`` gives each, in one command; a part that could not be read that way
+    is read alone, so that pyinfra handles it (and says why) as usual."""
+    lines = host.get_fact(Together, facts=wanted)
+    return [value if read else host.get_fact(cls, **kwargs)
+            for (read, value), (cls, kwargs) in zip(Together.values(wanted, lines), wanted)]
+
+
+def read_ahead(host, wanted: list[tuple[type, dict]]) -> None:
+    """Read ``wanted`` now in one command; while planning, the step that then asks for one
+    of them (``host.get_fact``, same class and arguments) gets this answer, once.
+
+    Planning changes nothing on a host, so a fact read at its start is what it would read
+    later in the same plan. While executing every fact is read afresh. pyinfra (3.x,
+    ``Host.get_fact``) has no fact cache of its own to fill; the method is wrapped here,
+    once, and answers from ``host``'s read-ahead only while ``state.is_executing`` is false.
+    """
+    _answer_facts_read_ahead()
+    lines = host.get_fact(Together, facts=wanted)
+    host.backchat_read_ahead = {
+        _fact_key(cls, kwargs): value
+        for (read, value), (cls, kwargs) in zip(Together.values(wanted, lines), wanted) if read
+    }
+
+
+def _answer_facts_read_ahead() -> None:
+    original = pyinfra_host.Host.get_fact
+    if getattr(original, "answers_read_ahead", False):
+        return
+
+    def get_fact(self, name_or_cls, *args, **kwargs):
+        ahead = self.__dict__.get("backchat_read_ahead")
+        if ahead and not args and not self.state.is_executing:
+            key = _fact_key(name_or_cls, kwargs)
+            if key in ahead:
+                return ahead.pop(key)
+        return original(self, name_or_cls, *args, **kwargs)
+
+    get_fact.answers_read_ahead = True
+    pyinfra_host.Host.get_fact = get_fact
 
 
 def run_as_operation(host, command: StringCommand, **kwargs):

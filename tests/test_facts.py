@@ -5,6 +5,7 @@ import subprocess
 
 import psutil
 import pytest
+from pyinfra.api import FactBase
 
 from backchat.facts import (
     ComposeStack,
@@ -13,6 +14,7 @@ from backchat.facts import (
     ModelFile,
     PathStates,
     PhysicalCores,
+    Together,
     count_physical_cores,
     parse_cpu_list,
     parse_path_states,
@@ -222,3 +224,48 @@ def test_path_states_parser_takes_paths_with_spaces():
     assert found["/opt"]["kind"] == "directory" and "text" not in found["/opt"] and found["/opt"]["sha256"] is None
     assert found["/opt/l"] == {"kind": "link", "mode": None, "user": None, "group": None, "sha256": None}
     assert found["/opt/f"]["kind"] == "other" and set(found) == {"/opt/my stack/x.yaml", "/opt", "/opt/l", "/opt/f"}
+
+
+class _Fails(FactBase):
+    def command(self):
+        return "echo half; exit 3"
+
+    def process(self, output):
+        return output
+
+
+class _NeedsAMissingProgram(FactBase):
+    requires_command = "backchat-no-such-program"
+
+    def command(self):
+        return "backchat-no-such-program --list"
+
+    def process(self, output):
+        return output
+
+
+def test_facts_read_together_are_what_each_reads_alone(tmp_path):
+    """One command for several facts: each part goes to its own fact's parser, so the
+    values are the ones each fact gives alone; a part that fails or lacks its program is
+    marked unread (read alone later, so pyinfra says why)."""
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF" * 10)
+    (tmp_path / ".m.gguf.verified").write_text('{"sha256": "x", "size": 40, "mtime": 1}\n')
+    (tmp_path / "config.yaml").write_text("a: 1\n")
+    wanted = [
+        (HostBasics, {}),
+        (_Fails, {}),
+        (ModelFile, {"path": str(model), "marker": str(tmp_path / ".m.gguf.verified")}),
+        (_NeedsAMissingProgram, {}),
+        (PathStates, {"paths": [str(tmp_path), str(model)], "texts": [str(tmp_path / "config.yaml")]}),
+        (PhysicalCores, {}),
+        (ModelFile, {"path": str(tmp_path / "none.gguf"), "marker": str(tmp_path / ".none")}),
+    ]
+    lines = run_fact_here(Together(), facts=wanted)
+    together = Together.values(wanted, lines)
+    assert [read for read, _value in together] == [True, False, True, False, True, True, True]
+    for (read, value), (cls, kwargs) in zip(together, wanted):
+        if read:
+            assert value == run_fact_here(cls(), **kwargs), cls
+        else:
+            assert value is None

@@ -228,3 +228,35 @@ def test_batches_follow_the_inventorys_order():
     assert list(state.active_hosts) == [name for name in names if name != "ai-03"]
     transport.run_hosts_in_inventory_order(state)  # once per host of a run: the same set stays
     assert list(state.active_hosts)[:2] == ["ai-00", "ai-01"]
+
+
+def test_facts_read_ahead_answer_once_and_only_while_planning(monkeypatch):
+    """``read_ahead``: one command; then each fact is answered from it once, with the same
+    arguments, while planning; anything else (other arguments, a second read, executing)
+    goes to pyinfra as before."""
+    from backchat.facts import ModelFile, PhysicalCores, Together
+
+    class Host:  # pyinfra's Host, as far as get_fact goes
+        def __init__(self):
+            self.state = SimpleNamespace(is_executing=False)
+            self.asked = []
+
+        def get_fact(self, cls, *args, **kwargs):
+            self.asked.append((cls, kwargs))
+            if cls is Together:
+                return ["cores", "@@backchat-fact 0 0", "@@backchat-fact 1 0"]
+            return "read alone"
+
+    monkeypatch.setattr(transport, "pyinfra_host", SimpleNamespace(Host=Host))
+    monkeypatch.setattr(PhysicalCores, "process", lambda self, output: output)
+    host = Host()
+    model = {"path": "/m.gguf", "marker": "/.m.gguf.verified"}
+    transport.read_ahead(host, [(PhysicalCores, {}), (ModelFile, model)])
+    assert [cls for cls, _ in host.asked] == [Together], "one command"
+    assert host.get_fact(PhysicalCores) == ["cores"]
+    assert host.get_fact(ModelFile, **model) == ModelFile().default(), "no output: the fact's default, as pyinfra"
+    assert host.get_fact(PhysicalCores) == "read alone", "answered once"
+    transport.read_ahead(host, [(PhysicalCores, {}), (ModelFile, model)])
+    assert host.get_fact(ModelFile, path="/other.gguf", marker="/.other") == "read alone"
+    host.state.is_executing = True
+    assert host.get_fact(PhysicalCores) == "read alone", "executing: read afresh"

@@ -186,9 +186,11 @@ def test_every_variant_is_accepted_by_docker_compose(first_run, fleet, backend, 
     assert done.stdout.strip() == "valid", done.stderr
 
 
-# Issue 18: a no-op re-run reads what it needs in a few commands (one per step's files,
-# `dpkg -l` once, nothing read again while executing). 8 today; 47 before.
-NOOP_COMMANDS_MAX = 20
+# Issue 18: a no-op re-run reads what it needs in a few commands: what the steps read
+# whatever they find, in one (transport.read_ahead), then each step's files (own_files), and
+# nothing again while executing. 3 today; 8 before read_ahead; 47 before issue 18. The
+# issue's goal is 20; this holds the line where it is.
+NOOP_COMMANDS_MAX = 4
 
 
 def test_second_run_changes_nothing(first_run, fleet, hub, tmp_path):

@@ -3,7 +3,8 @@
     python bench/noop_rerun.py [--hosts 10] [--rounds 5]
 
 Sandbox hosts (testbed/sandbox.py: Debian 13 roots over SSH), ``start = False``,
-``docker_source = "debian"``, the model from a local Hub stand-in (testbed/hub.py). After a
+``docker_source = "debian"``, the model from a local Hub stand-in (testbed/hub.py), pinned
+to a commit and its sha256 as the defaults pin theirs. After a
 first apply, rounds alternate one host and all hosts (medians over the rounds): wall time,
 controller CPU, remote commands and bytes per host; then one profiled run says where the
 controller's CPU goes. See bench/README.md.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import hashlib
 import os
 import pstats
 import resource
@@ -37,6 +39,18 @@ BEFORE_CPU_PER_HOST = {1: 2.0, 10: 9.7 / 10}
 GOAL_COMMANDS = 20
 GOAL_RATIO = 1.5
 GOAL_ONE_HOST_SECONDS = 2.0
+
+
+def pinned_data(hub, workdir: Path) -> list[str]:
+    """The sandbox deploy's ``--data`` with the model pinned as the defaults pin it: a
+    commit and its sha256 (so a re-run asks the Hub nothing, as a user's does)."""
+    from testbed.sandbox import GATEWAY
+    from testbed.tiny_gguf import write_tiny_gguf
+
+    model = write_tiny_gguf(workdir / MODEL).read_bytes()
+    commit = hub.add_file(REPO, MODEL, model)
+    return sandbox_data(hub.endpoint(GATEWAY), REPO, MODEL, model_revision=commit,
+                        model_sha256=hashlib.sha256(model).hexdigest())
 
 
 def controller_cpu() -> float:
@@ -152,7 +166,6 @@ def main() -> None:
 
     from testbed.hub import FakeHub
     from testbed.sandbox import GATEWAY, sandbox_hosts
-    from testbed.tiny_gguf import write_tiny_gguf
 
     workdir = Path(tempfile.mkdtemp(prefix="backchat-noop-", dir="/var/tmp"))
     print(f"work directory: {workdir}", flush=True)
@@ -167,8 +180,7 @@ def main() -> None:
     names = [f"noop-{i + 1}" for i in range(args.hosts)]
     # Hosts first: their bridge carries the gateway address the Hub stand-in binds to.
     with sandbox_hosts(["trixie"] * args.hosts, names=names) as hosts, FakeHub(bind=GATEWAY) as hub:
-        hub.add_file(REPO, MODEL, write_tiny_gguf(workdir / MODEL).read_bytes())
-        data = sandbox_data(hub.endpoint(GATEWAY), REPO, MODEL)
+        data = pinned_data(hub, workdir)
         fleets = {
             1: (write_inventory(workdir / "one.py", {hosts[0].name: hosts[0].pyinfra_data()}), hosts[:1]),
             len(hosts): (write_inventory(workdir / "all.py", {h.name: h.pyinfra_data() for h in hosts}), hosts),

@@ -28,8 +28,8 @@ PROJECT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT))
 
 from bench import noop_rerun  # noqa: E402
-from bench.noop_rerun import MODEL, PROFILED, REPO, controller_cpu, cpu_by_area  # noqa: E402
-from testbed.deploy_runner import run_deploy, sandbox_data, write_inventory  # noqa: E402
+from bench.noop_rerun import PROFILED, controller_cpu, cpu_by_area  # noqa: E402
+from testbed.deploy_runner import run_deploy, write_inventory  # noqa: E402
 
 
 def check_status(run, report: Path, hosts) -> None:
@@ -77,13 +77,11 @@ def deployed_fleet(workdir: Path, size: int, env: dict):
     host]), size: (inventory, hosts)}, the --data items)."""
     from testbed.hub import FakeHub
     from testbed.sandbox import GATEWAY, sandbox_hosts
-    from testbed.tiny_gguf import write_tiny_gguf
 
     # Hosts first: their bridge carries the gateway address the Hub stand-in binds to.
     names = [f"status-{number}" for number in range(1, size + 1)]
     with sandbox_hosts(["trixie"] * size, names=names) as hosts, FakeHub(bind=GATEWAY) as hub:
-        hub.add_file(REPO, MODEL, write_tiny_gguf(workdir / MODEL).read_bytes())
-        data = sandbox_data(hub.endpoint(GATEWAY), REPO, MODEL)
+        data = noop_rerun.pinned_data(hub, workdir)
         fleets = {
             count: (write_inventory(workdir / f"hosts-{count}.py", {h.name: h.pyinfra_data() for h in hosts[:count]}),
                     hosts[:count])

@@ -599,6 +599,23 @@ def _host_entities(served: Served, backend: str, with_apis: bool = True) -> list
     return entities
 
 
+def reads(cfg) -> list[tuple[type, dict]]:
+    """The facts ``configure`` reads whatever it finds (``transport.read_ahead``)."""
+    return [own_files.reading(*_paths_read(cfg))]
+
+
+def _paths(cfg) -> tuple[str, str, str, str]:
+    """Backstage's app config, its base config, our backup of the first, our catalog."""
+    config_path = f"{cfg.backstage_app_dir}/{CONFIG_FILE}"
+    return (config_path, f"{cfg.backstage_app_dir}/{BASE_CONFIG_FILE}", f"{config_path}.backchat.bak",
+            f"{cfg.backstage_app_dir}/{CATALOG_FILE}")
+
+
+def _paths_read(cfg) -> tuple[list[str], list[str]]:
+    config_path, base_path, backup_path, catalog_path = _paths(cfg)
+    return [cfg.backstage_app_dir, backup_path, catalog_path], [config_path, base_path]
+
+
 def configure(cfg, lab_hosts=None, gateway=None) -> None:
     """Write app-config.local.yaml and the catalog into ``backstage_app_dir``.
 
@@ -614,12 +631,9 @@ def configure(cfg, lab_hosts=None, gateway=None) -> None:
     if gateway is not None:
         gateway_host, gateway_cfg = gateway
         door = Door(gateway_cfg, public_address(gateway_cfg, gateway_host), gateway_host.name)
-    config_path = f"{cfg.backstage_app_dir}/{CONFIG_FILE}"
-    base_path = f"{cfg.backstage_app_dir}/{BASE_CONFIG_FILE}"
-    backup_path = f"{config_path}.backchat.bak"
-    catalog_path = f"{cfg.backstage_app_dir}/{CATALOG_FILE}"
+    config_path, base_path, backup_path, catalog_path = _paths(cfg)
     # What is there now, with the two configs' texts, in one command.
-    seen = own_files.read([cfg.backstage_app_dir, backup_path, catalog_path], texts=[config_path, base_path])
+    seen = own_files.read(*_paths_read(cfg))
     existing_text = seen.get(config_path, {}).get("text") or None
     base_text = seen.get(base_path, {}).get("text") or None
     for path, text in ((config_path, existing_text), (base_path, base_text)):

@@ -32,9 +32,7 @@ def deploy_backchat():
 
     if this.serves_ai:
         model.look_up_early(cfg)  # the Hub answers while preflight and step 1 read the host
-    if this.serves_ai or this.runs_gateway:  # what the steps read while planning, in one command
-        transport.read_ahead(host, preflight.reads(cfg) + docker.reads() + (
-            model.reads(cfg) + stack.reads(cfg) + model_change.reads(cfg) if this.serves_ai else []))
+    transport.read_ahead(host, _reads(cfg, this))  # what the steps below read, in one command
     if this.serves_ai or this.runs_gateway:
         os_info = preflight.check(cfg, this.serves_ai, this.runs_gateway)  # unsupported hosts are refused
         if not os_info:
@@ -58,3 +56,15 @@ def deploy_backchat():
         model_change.remove_old(cfg)  # only once verify passed: the previous model, if the model changed
     if this.runs_gateway:  # 6. through the gateway, as users reach it; which hosts are in rotation
         verify.through_gateway(name="Verify the gateway serves the model from the AI hosts", cfg=cfg, pool=pool)
+
+
+def _reads(cfg, this) -> list[tuple[type, dict]]:
+    """The facts the steps read on this host whatever they find: one SSH session, not one each."""
+    found = []
+    if this.serves_ai or this.runs_gateway:
+        found += preflight.reads(cfg) + docker.reads()
+    if this.serves_ai:
+        found += model.reads(cfg) + stack.reads(cfg) + model_change.reads(cfg)
+    if this.writes_backstage:
+        found += backstage.reads(cfg)
+    return found

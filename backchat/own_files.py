@@ -36,7 +36,13 @@ _WRITE = (
 def read(paths, texts=()) -> dict[str, dict]:
     """The state of ``paths`` on the current host, in one command (see ``facts.PathStates``);
     the files in ``texts`` come with their text."""
-    return host.get_fact(PathStates, paths=sorted(set(paths) | set(texts)), texts=sorted(set(texts)))
+    fact, arguments = reading(paths, texts)
+    return host.get_fact(fact, **arguments)
+
+
+def reading(paths, texts=()) -> tuple[type, dict]:
+    """The fact ``read`` reads (for a step's ``reads``: ``transport.read_ahead``)."""
+    return PathStates, {"paths": sorted(set(paths) | set(texts)), "texts": sorted(set(texts))}
 
 
 def digest(data: str) -> str:

@@ -92,17 +92,23 @@ def door_key_lines(cfg) -> tuple:
 
 def rendered_files(cfg, threads: int) -> dict[str, tuple[str, str]]:
     """Host path -> (content, mode) of every file the stack needs, .env aside (it holds a secret)."""
-    result = {
-        f"{cfg.stack_dir}/docker-compose.yaml": (render("docker-compose.yaml.j2", cfg, threads), "0644"),
-    }
+    return {path: (render(template, cfg, threads), mode) for path, (template, mode) in _templates(cfg).items()}
+
+
+def _templates(cfg) -> dict[str, tuple[str, str]]:
+    """Host path -> (template, mode) of each rendered file."""
+    result = {f"{cfg.stack_dir}/docker-compose.yaml": ("docker-compose.yaml.j2", "0644")}
     if "localai" in cfg.services:
-        result[f"{cfg.models_dir}/{cfg.model_id}.yaml"] = (
-            render("localai-model.yaml.j2", cfg, threads),
-            "0644",
-        )
+        result[f"{cfg.models_dir}/{cfg.model_id}.yaml"] = ("localai-model.yaml.j2", "0644")
     if addresses.behind_front_door(cfg):
-        result[f"{cfg.stack_dir}/{FRONTDOOR_CONF}"] = (render("frontdoor.conf.j2", cfg, threads), "0644")
+        result[f"{cfg.stack_dir}/{FRONTDOOR_CONF}"] = ("frontdoor.conf.j2", "0644")
     return result
+
+
+def _paths_written(cfg) -> list[str]:
+    """Every path ``write`` looks at before writing: known from the settings alone."""
+    tls_paths = certificate_paths(cfg) if addresses.behind_front_door(cfg) else ()
+    return [cfg.stack_dir, f"{cfg.stack_dir}/.env", *_templates(cfg), *tls_paths]
 
 
 def certificate_names(cfg) -> list[str]:
@@ -145,7 +151,8 @@ def certificate_paths(cfg) -> tuple[str, str, str, str]:
 
 def reads(cfg) -> list[tuple[type, dict]]:
     """The facts steps 3 and 4 read whatever they find (``transport.read_ahead``)."""
-    return [(PhysicalCores, {}), *([(DockerImageTags, {})] if cfg.start and cfg.image_archives else [])]
+    return [(PhysicalCores, {}), own_files.reading(_paths_written(cfg)),
+            *([(DockerImageTags, {})] if cfg.start and cfg.image_archives else [])]
 
 
 def tune() -> dict:
@@ -172,9 +179,8 @@ def write(cfg, threads: int) -> Plan | None:
     rendered = rendered_files(cfg, threads)
     env = f"{cfg.stack_dir}/.env"
     door = addresses.behind_front_door(cfg)
-    tls_paths = certificate_paths(cfg) if door else ()
     # What is there now, in one command: each write below decides from it and reads nothing.
-    seen = own_files.read([cfg.stack_dir, env, *rendered, *tls_paths])
+    seen = own_files.read(_paths_written(cfg))
     # No mode: a directory that already exists (maybe not ours) is never re-moded.
     own_files.directory(name="Create the stack directory", path=cfg.stack_dir, seen=seen.get(cfg.stack_dir))
     writes = {env: secrets.secret_file(name="Write .env (0600)", dest=env, lines=env_lines(cfg), seen=seen.get(env))}

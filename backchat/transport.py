@@ -327,6 +327,8 @@ def read_ahead(host, wanted: list[tuple[type, dict]]) -> None:
     ``Host.get_fact``) has no fact cache of its own to fill; the method is wrapped here,
     once, and answers from ``host``'s read-ahead only while ``state.is_executing`` is false.
     """
+    if not wanted:
+        return
     _answer_facts_read_ahead()
     lines = host.get_fact(Together, facts=wanted)
     host.backchat_read_ahead = {

@@ -562,9 +562,11 @@ def test_rolling_upgrade_rolls_back_the_failing_host(e2e: E2E) -> None:
         assert again.deploy.changed_ops() == [], explain(again, e2e)
         # A host a run left on files that never verified (here: by hand, the broken image):
         # rollback.py puts it back on its last verified state, and only that host changes.
-        vm_2.run(f"sed -i 's|image: {LLAMA_IMAGE}|image: {NEW_LLAMA_IMAGE}|' /opt/backchat/docker-compose.yaml")
+        # (The compose file names each image as a JSON string: "repo:tag", quotes included.)
+        vm_2.run(f"sed -i 's|\"{LLAMA_IMAGE}\"|\"{NEW_LLAMA_IMAGE}\"|' /opt/backchat/docker-compose.yaml")
+        assert f'"{NEW_LLAMA_IMAGE}"' in vm_2.run(compose_file).stdout, "the compose file names the broken image"
         vm_2.run("docker compose --project-directory /opt/backchat -p backchat up -d", check=False)
-        assert not container_id(vm_2, "llamacpp"), "the broken image started"
+        assert not container_id(vm_2, "llamacpp"), "llama.cpp still runs: the broken image replaced nothing"
         back = deploy(e2e, "9-rollback", archives=False, hosts=hosts, command="rollback.py")
         e2e.phase("rollback.py, one host put back", back.seconds)
         assert back.returncode == 0, explain(back, e2e)

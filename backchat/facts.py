@@ -664,8 +664,9 @@ class Together(FactBase):
             else:
                 part.append(line)
         values = []
-        for index, (cls, _kwargs) in enumerate(facts):
+        for index, (cls, kwargs) in enumerate(facts):
             read, lines_of_fact = found.get(index, (False, []))
             fact = cls()
+            fact.command(**kwargs)  # as pyinfra does first: some facts keep state for process (FileContents)
             values.append((read, (fact.process(lines_of_fact) if lines_of_fact else fact.default()) if read else None))
         return values

@@ -214,7 +214,7 @@ def write(cfg, threads: int) -> Plan | None:
     return Plan(
         project_dir=cfg.stack_dir,
         services=addresses.compose_services(cfg),
-        files=sorted([*writes, *tls_paths[1:]]),  # tls_paths[0] is their directory
+        files=sorted([*writes, *(certificate_paths(cfg)[1:] if door else ())]),  # [0] is their directory
         files_changed=files_changed,
         up_commands=lambda stale: up_commands(base, stale, restart),
         rollback_commands=rollback_commands(cfg),

@@ -6,6 +6,7 @@ import subprocess
 import psutil
 import pytest
 from pyinfra.api import FactBase
+from pyinfra.facts.files import FileContents
 
 from backchat.facts import (
     ComposeStack,
@@ -77,7 +78,9 @@ def test_cpu_list_syntax():
 
 def run_fact_here(fact, **kwargs):
     """Run a fact's real command on this machine and feed its output to its parser."""
-    output = subprocess.run(fact.command(**kwargs), shell=True, capture_output=True, text=True, check=True)
+    command = fact.command(**kwargs)
+    command = command if isinstance(command, str) else command.get_raw_value()  # pyinfra's facts: a StringCommand
+    output = subprocess.run(command, shell=True, capture_output=True, text=True, check=True)
     return fact.process(output.stdout.splitlines())
 
 
@@ -260,10 +263,12 @@ def test_facts_read_together_are_what_each_reads_alone(tmp_path):
         (PathStates, {"paths": [str(tmp_path), str(model)], "texts": [str(tmp_path / "config.yaml")]}),
         (PhysicalCores, {}),
         (ModelFile, {"path": str(tmp_path / "none.gguf"), "marker": str(tmp_path / ".none")}),
+        (FileContents, {"path": str(tmp_path / "config.yaml")}),  # pyinfra's: command() keeps state for process()
+        (FileContents, {"path": str(tmp_path / "gone.yaml")}),
     ]
     lines = run_fact_here(Together(), facts=wanted)
     together = Together.values(wanted, lines)
-    assert [read for read, _value in together] == [True, False, True, False, True, True, True]
+    assert [read for read, _value in together] == [True, False, True, False, True, True, True, True, True]
     for (read, value), (cls, kwargs) in zip(together, wanted):
         if read:
             assert value == run_fact_here(cls(), **kwargs), cls

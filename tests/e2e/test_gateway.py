@@ -310,7 +310,11 @@ def check_a_host_that_goes_away(gw: Gateway, lab: list[LabHost]) -> None:
         for n, got in enumerate(answers):
             assert got.status_code == 200, f"completion {n} after the host went away: HTTP {got.status_code}"
         wait_until(lambda: not gw.standing(victim.name).in_rotation, 10, gw.summary)
-        assert "L4CON" in gw.standing(victim.name).check
+        # Out by its health check (L4CON), or by the failed requests themselves first (HANA:
+        # observe layer7 ... on-error sudden-death); which one wins depends on the machine's load.
+        standing = gw.standing(victim.name)
+        assert "L4CON" in standing.check or (
+            standing.check == "HANA" and "L4 unsuccessful connection" in standing.detail), standing
     finally:
         victim.door.start()
     wait_until(lambda: gw.standing(victim.name).in_rotation, 15, gw.summary)

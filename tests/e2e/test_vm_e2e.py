@@ -490,6 +490,12 @@ def test_three_hosts_from_the_deployed_vm(e2e: E2E) -> None:
     e2e.vm.wait_until_up(TRIO_BOOT_TIMEOUT)
     slowest = max(vm.boot_seconds for vm in [e2e.vm, *clones])
     e2e.phase("boot the VM and its two clones to SSH (side by side)", slowest)
+    # Docker starts each clone's containers after SSH is up; a deploy in the middle of that
+    # races Docker binding the ports (a listener with no process name for a moment).
+    started = time.monotonic()
+    for vm in [e2e.vm, *e2e.trio]:
+        _wait_until_every_service_runs(vm, TRIO_BOOT_TIMEOUT)
+    e2e.phase("the three stacks running again", time.monotonic() - started)
 
     run = deploy(e2e, "6-three-hosts", hosts=trio_hosts(e2e))
     e2e.phase("deploy 6 (three hosts: the VM and two clones)", run.seconds)
@@ -577,6 +583,14 @@ def test_rolling_upgrade_rolls_back_the_failing_host(e2e: E2E) -> None:
             "returned to its last verified state"), back.report
     finally:
         e2e.phase("power off the clones", _power_off(e2e.trio))
+
+
+def _wait_until_every_service_runs(vm: vmh.TestVM, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(container_id(vm, service) for service in SERVICES):
+        if time.monotonic() > deadline:
+            pytest.fail(f"{vm}: not every service of {SERVICES} runs after {timeout:.0f}s")
+        time.sleep(5)
 
 
 def _power_off(vms: list[vmh.TestVM]) -> float:

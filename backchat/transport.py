@@ -28,6 +28,9 @@ What this touches, and why it is safe to rely on (pyinfra 3.x):
   ``@chroot``) are not supported and say so.
 * ``host.current_op_global_arguments`` also gives commands an operation runs itself while
   executing (verify's probe through the host) the operation's ``_sudo`` and friends.
+* ``Host.get_fact``, wrapped once (``read_ahead``): while planning it answers a fact this
+  module read ahead for the host (kept on the host object as ``backchat_read_ahead``),
+  once, and otherwise calls pyinfra's own method unchanged.
 * ``pyinfra_cli.cli._do_confirm`` (looked up by name when ``_main`` asks) and each
   planned operation's ``OperationMeta._maybe_is_change`` (what ``print_meta`` prints).
 * ``pyinfra.api.operation.get_operation_order_from_stack``, ``all_global_arguments``

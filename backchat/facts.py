@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import re
 import shlex
 
 from pyinfra.api import FactBase
@@ -251,7 +252,8 @@ def out_of_date(stack: dict | None, services: list[str]) -> list[str]:
 class ComposeStack(FactBase):
     """
     Returns, per service, whether the running container matches the compose file on disk:
-    ``{"services": {"localai": {"want": hash, "have": hash, "state": "running"}}}``, or
+    ``{"services": {"localai": {"want": hash, "have": hash, "state": "running"}},
+    "published": [8080, 3001]}`` (the host ports the project's containers publish), or
     ``None`` when Docker or the project is not there yet.
     """
 
@@ -265,19 +267,23 @@ class ComposeStack(FactBase):
             "2>/dev/null | sed 's/^/want /'; "
             f"docker ps -a --filter label={label}.project={project} --format "
             f"'have {{{{.Label \"{label}.service\"}}}} {{{{.Label \"{label}.config-hash\"}}}} "
-            "{{.State}}' 2>/dev/null; true"
+            "{{.State}}' 2>/dev/null; "
+            f"docker ps -a --filter label={label}.project={project} --format 'ports {{{{.Ports}}}}' 2>/dev/null; true"
         )
 
     def process(self, output):
         services: dict[str, dict] = {}
+        published: set[int] = set()
         for line in output:
             fields = line.split()
-            if len(fields) == 3 and fields[0] == "want":
+            if fields[:1] == ["ports"]:  # "0.0.0.0:8080->8080/tcp, :::8080->8080/tcp"
+                published.update(int(port) for port in re.findall(r":(\d+)->", line))
+            elif len(fields) == 3 and fields[0] == "want":
                 services.setdefault(fields[1], {})["want"] = fields[2]
             elif len(fields) == 4 and fields[0] == "have":
                 entry = services.setdefault(fields[1], {})
                 entry["have"], entry["state"] = fields[2], fields[3]
-        return {"services": services} if services else None
+        return {"services": services, "published": sorted(published)} if services else None
 
 
 class DockerImageTags(FactBase):

@@ -64,14 +64,16 @@ def wanted_ports(cfg, serves_ai: bool = True, runs_gateway: bool = False) -> dic
 
 
 def port_problems(cfg, listening: dict[int, str], stack_exists: bool, serves_ai: bool = True,
-                  runs_gateway: bool = False) -> list[str]:
-    """Ports we need that a process other than our own stack holds."""
+                  runs_gateway: bool = False, published: frozenset[int] = frozenset()) -> list[str]:
+    """Ports we need that a process other than our own stack holds. ``published``: the ports
+    our own project's containers publish, whatever ``ss`` names as their holder (while Docker
+    starts the containers after a boot, a port can show with no process for a moment)."""
     found = []
     for port, setting in sorted(wanted_ports(cfg, serves_ai, runs_gateway).items()):
         if port not in listening:
             continue
         process = listening[port]
-        if process == DOCKER_PROXY and stack_exists:
+        if port in published or (process == DOCKER_PROXY and stack_exists):
             continue  # our own containers, published by Docker
         found.append(
             f"port {port} ({setting}) is already in use by {process or 'another process'}. "
@@ -122,12 +124,14 @@ def check(cfg, serves_ai: bool = True, runs_gateway: bool = False) -> dict | Non
     found = problems(cfg, os_info, os_info["memory_mb"], os_info["init"], serves_ai)
     if cfg.start:
         listening = _listening_locally() if host.name == "@local" else host.get_fact(ListeningPorts)
-        held_by_docker = any(listening.get(port) == DOCKER_PROXY for port in wanted_ports(cfg, serves_ai, runs_gateway))
+        taken = any(port in listening for port in wanted_ports(cfg, serves_ai, runs_gateway))
         projects = ([(cfg.stack_dir, COMPOSE_PROJECT)] if serves_ai else []) + (
             [(gateway.directory(cfg), gateway.PROJECT)] if runs_gateway else [])
-        ours = held_by_docker and any(
-            host.get_fact(ComposeStack, project_dir=directory, project=project) for directory, project in projects)
-        found += port_problems(cfg, listening, ours, serves_ai, runs_gateway)
+        # Only when one of our ports is taken: by our own containers on a re-run, or not.
+        stacks = [host.get_fact(ComposeStack, project_dir=directory, project=project)
+                  for directory, project in projects] if taken else []
+        published = frozenset(port for stack in stacks if stack for port in stack.get("published", ()))
+        found += port_problems(cfg, listening, any(stacks), serves_ai, runs_gateway, published)
     if cfg.docker_users:
         fact, arguments = _missing_users(cfg)
         found += user_problems(host.get_fact(fact, **arguments))

@@ -136,12 +136,14 @@ def test_compose_stack_parser():
     lines = [
         "want localai aaa", "want chatbot-ui bbb",
         "have localai aaa running", "have chatbot-ui old exited",
+        "ports 0.0.0.0:8080->8080/tcp, :::8080->8080/tcp", "ports ", "ports 127.0.0.1:3001->3000/tcp",
     ]
     assert ComposeStack().process(lines) == {
         "services": {
             "localai": {"want": "aaa", "have": "aaa", "state": "running"},
             "chatbot-ui": {"want": "bbb", "have": "old", "state": "exited"},
-        }
+        },
+        "published": [3001, 8080],
     }
     assert ComposeStack().process([]) is None
 

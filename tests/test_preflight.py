@@ -53,6 +53,11 @@ def test_a_port_held_by_another_process_is_named_with_its_setting(cfg):
     assert preflight.port_problems(cfg, {8080: "docker-proxy", 3001: "docker-proxy"}, stack_exists=True) == []
     # ... but docker-proxy for someone else's containers is.
     assert "3001 (chatbot_ui_port)" in preflight.port_problems(cfg, {3001: "docker-proxy"}, stack_exists=False)[0]
+    # A port our project's containers publish is ours, whatever holds it for a moment (Docker
+    # starting them after a boot); another of our ports held by no-one-named is not.
+    assert preflight.port_problems(cfg, {8080: "", 3001: "dockerd"}, stack_exists=True, published=frozenset({8080, 3001})) == []
+    assert preflight.port_problems(cfg, {8080: "", 3001: ""}, stack_exists=True, published=frozenset({8080})) == [
+        "port 3001 (chatbot_ui_port) is already in use by another process. Fix: stop it, or set chatbot_ui_port to a free port"]
 
 
 def test_textgen_needs_both_of_its_ports():

@@ -47,10 +47,11 @@ def marker_path(cfg) -> str:
 
 def reads(cfg) -> list[tuple[type, dict]]:
     """The facts ``fetch`` reads whatever it finds (``transport.read_ahead``)."""
-    return [_file_fact(cfg)]
+    return [file_fact(cfg)]
 
 
-def _file_fact(cfg) -> tuple[type, dict]:
+def file_fact(cfg) -> tuple[type, dict]:
+    """The fact that says what the host holds of the model (``fetch``, ``status``)."""
     return ModelFile, {"path": cfg.model_path, "marker": marker_path(cfg)}
 
 
@@ -85,7 +86,7 @@ def source_for(cfg) -> Source:
 
 def fetch(cfg) -> bool:
     """Queue what puts the verified model on this host; False if the host was refused."""
-    fact, arguments = _file_fact(cfg)
+    fact, arguments = file_fact(cfg)
     state = host.get_fact(fact, **arguments)
     script = f"{cfg.stack_dir}/bin/fetch-model"
     try:

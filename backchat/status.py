@@ -24,7 +24,7 @@ from pyinfra.facts.files import FileContents
 
 from backchat import addresses, gateway, model, outcomes, report, stack, transport, verify
 from backchat.addresses import api_urls, gateway_url, gui_url, public_address
-from backchat.facts import COMPOSE_PROJECT, ComposeProject, ModelFile, PhysicalCores, text_of
+from backchat.facts import COMPOSE_PROJECT, ComposeProject, PhysicalCores, text_of
 from backchat.model_source import is_verified
 from backchat.run_settings import pool_hosts, role, settings_for
 from backchat.settings import DEFAULTS
@@ -165,7 +165,7 @@ def check(cfg):
         return
     compose, model_file, compose_file, cores = transport.read_together(host, [  # one command, not four
         (ComposeProject, {"project": COMPOSE_PROJECT}),
-        (ModelFile, {"path": cfg.model_path, "marker": model.marker_path(cfg)}),
+        model.file_fact(cfg),
         (FileContents, {"path": f"{cfg.stack_dir}/docker-compose.yaml"}),
         (PhysicalCores, {}),
     ])

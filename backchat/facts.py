@@ -40,7 +40,8 @@ if [ -r /sys/fs/cgroup/cpu/cpu.cfs_quota_us ]; then
   read -r period < /sys/fs/cgroup/cpu/cpu.cfs_period_us
   echo "quota $quota $period"
 fi
-echo "logical $(getconf _NPROCESSORS_ONLN 2>/dev/null || nproc)"
+# glibc counts the online list, read above; only without it ask getconf (a process)
+[ -n "$online" ] || echo "logical $(getconf _NPROCESSORS_ONLN 2>/dev/null || nproc)"
 """
 
 
@@ -75,6 +76,7 @@ def count_physical_cores(lines: list[str]) -> dict:
         rest = rest.strip()
         if key == "online" and rest:
             online = parse_cpu_list(rest)
+            logical = logical or len(online)
         elif key == "allowed" and rest:
             allowed = parse_cpu_list(rest)
         elif key == "cpu":
@@ -85,7 +87,7 @@ def count_physical_cores(lines: list[str]) -> dict:
             quota, _, period = rest.partition(" ")
             if quota not in ("max", "-1", "") and period:
                 quotas.append(int(quota) / int(period))
-        elif key == "logical" and rest.isdigit():
+        elif key == "logical" and rest.isdigit() and online is None:
             logical = int(rest)
 
     usable = set(topology) if topology else set()
@@ -168,7 +170,9 @@ class HostBasics(FactBase):
 
     def command(self) -> str:
         return (
-            "cat /etc/os-release 2>/dev/null; echo ARCH=$(dpkg --print-architecture 2>/dev/null || uname -m); "
+            # Builtins wherever they do: a lab's re-run runs this on every host.
+            "{ while IFS= read -r line || [ -n \"$line\" ]; do printf '%s\\n' \"$line\"; done < /etc/os-release; } 2>/dev/null; "
+            "echo ARCH=$(dpkg --print-architecture 2>/dev/null || uname -m); "
             "while read -r key value _; do [ \"$key\" = MemTotal: ] && echo \"MEMTOTAL_KB=$value\"; done < /proc/meminfo; "
             "{ read -r init < /proc/1/comm; } 2>/dev/null; echo \"INIT=$init\""
         )
@@ -202,24 +206,30 @@ class ModelFile(FactBase):
     """
 
     def command(self, path: str, marker: str) -> str:
+        # One stat for both files and the marker read by builtins: a lab's re-run runs
+        # this on every host. printf, not dash's echo, which would rewrite backslashes.
         path, marker, part = shlex.quote(path), shlex.quote(marker), shlex.quote(path + ".part")
         return (
-            f"echo \"file $(stat -c '%s %Y' {path} 2>/dev/null)\"; "
-            f"echo \"part $(stat -c '%s' {part} 2>/dev/null)\"; "
-            f"echo \"marker $(cat {marker} 2>/dev/null | tr -d '\\n')\""
+            f"printf 'path %s\\n' {path}; stat -c 'stat %s %Y %n' -- {path} {part} 2>/dev/null; "
+            f"m=; {{ while IFS= read -r line || [ -n \"$line\" ]; do m=\"$m$line\"; done < {marker}; }} 2>/dev/null; "
+            "printf 'marker %s\\n' \"$m\""
         )
 
     def process(self, output):
         result = {"size": None, "mtime": None, "part_size": 0, "marker": None}
+        path = None
         for line in output:
             key, _, rest = line.partition(" ")
-            rest = rest.strip()
-            if key == "file" and rest:
-                size, mtime = rest.split()
-                result["size"], result["mtime"] = int(size), int(mtime)
-            elif key == "part" and rest.isdigit():
-                result["part_size"] = int(rest)
-            elif key == "marker" and rest:
+            if key == "path":
+                path = rest
+            elif key == "stat":
+                size, mtime, name = rest.split(" ", 2)
+                if name == path:
+                    result["size"], result["mtime"] = int(size), int(mtime)
+                elif name == f"{path}.part":
+                    result["part_size"] = int(size)
+            elif key == "marker" and rest.strip():
+                rest = rest.strip()
                 try:
                     result["marker"] = json.loads(rest)
                 except ValueError:
@@ -571,10 +581,12 @@ class VerifiedModels(FactBase):
     def command(self, models_dir: str) -> str:
         return (
             f"d={shlex.quote(models_dir)}; [ -d \"$d\" ] && [ ! -L \"$d\" ] || exit 0; "
-            "find \"$d\" -mindepth 1 -maxdepth 1 -type f -name '.*.verified' | while read -r m; do "
+            # A glob and one stat, not find and a stat per model: a lab's re-run runs this
+            # on every host.
+            "set --; for m in \"$d\"/.*.verified; do [ -f \"$m\" ] && [ ! -L \"$m\" ] || continue; "
             "n=${m##*/}; n=${n#.}; n=${n%.verified}; "
-            "if [ -f \"$d/$n\" ] && [ ! -L \"$d/$n\" ]; then s=$(stat -c %s \"$d/$n\"); else s=-; fi; "
-            "echo \"model $s $n\"; done"
+            "if [ -f \"$d/$n\" ] && [ ! -L \"$d/$n\" ]; then set -- \"$@\" \"$d/$n\"; else printf 'model - %s\\n' \"$n\"; fi; done; "
+            "[ $# -eq 0 ] || stat -c 'size %s %n' -- \"$@\""
         )
 
     def process(self, output):
@@ -583,7 +595,9 @@ class VerifiedModels(FactBase):
             key, _, rest = line.strip().partition(" ")
             size, _, name = rest.partition(" ")
             if key == "model" and name:
-                found[name] = int(size) if size.isdigit() else None
+                found[name] = None
+            elif key == "size" and size.isdigit() and name:
+                found[name.rpartition("/")[2]] = int(size)
         return found
 
 

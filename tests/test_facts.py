@@ -71,6 +71,17 @@ def test_logical_count_is_reported_too():
     assert result["logical"] == 8 and result["quota_cpus"] is None
 
 
+def test_the_logical_count_is_the_online_list_when_the_host_has_one():
+    # The fact asks getconf only where /sys/devices/system/cpu/online is unreadable.
+    assert count_physical_cores(["online 0-5"])["logical"] == 6
+    assert count_physical_cores(["online 0-5", "logical 9"])["logical"] == 6
+    assert count_physical_cores(["logical 3"])["logical"] == 3
+
+
+def test_core_fact_counts_logical_cpus_as_psutil_does_on_this_machine():
+    assert run_fact_here(PhysicalCores())["logical"] == psutil.cpu_count(logical=True)
+
+
 def test_cpu_list_syntax():
     assert parse_cpu_list("0-3,8,10-11") == {0, 1, 2, 3, 8, 10, 11}
     assert parse_cpu_list("") == set()
@@ -123,6 +134,18 @@ def test_model_file_fact_on_this_machine(tmp_path):
     assert state["size"] == 10 and state["part_size"] == 3
     assert state["marker"] == {"sha256": "ab", "size": 10, "mtime": 5}
     assert state["mtime"] == int(model.stat().st_mtime)
+
+
+def test_model_file_fact_reads_the_marker_byte_for_byte_and_tells_the_part_from_the_file(tmp_path):
+    model = tmp_path / "with space.gguf"
+    marker = tmp_path / ".m.verified"
+    # JSON escapes a backslash; dash's echo would turn "\\n" into a newline.
+    marker.write_text('{"sha256": "ab",\n "note": "a\\\\nb"}')  # two lines, no final newline
+    (tmp_path / "with space.gguf.part").write_bytes(b"y" * 7)
+    state = run_fact_here(ModelFile(), path=str(model), marker=str(marker))
+    assert state == {"size": None, "mtime": None, "part_size": 7, "marker": {"sha256": "ab", "note": "a\\nb"}}
+    model.write_bytes(b"x" * 4)
+    assert run_fact_here(ModelFile(), path=str(model), marker=str(marker))["size"] == 4
 
 
 def test_model_file_fact_quotes_paths(tmp_path):

@@ -31,7 +31,10 @@ def test_the_models_fetch_model_sh_verified_are_found_by_their_markers(tmp_path)
     (models / "linked.gguf").symlink_to(elsewhere)
     (models / ".linked.gguf.verified").write_text("{}\n")
     (models / ".planted.gguf.verified").symlink_to(tmp_path / "x")  # a linked marker is not read as one
-    assert verified_models(models) == {"a.gguf": 1000, "gone.gguf": None, "linked.gguf": None}
+    (models / "with space.gguf").write_bytes(b"s" * 3)
+    (models / ".with space.gguf.verified").write_text("{}\n")
+    (models / ".dir.gguf.verified").mkdir()  # not a file: not a marker
+    assert verified_models(models) == {"a.gguf": 1000, "gone.gguf": None, "linked.gguf": None, "with space.gguf": 3}
 
     linked_dir = tmp_path / "linked-models"
     linked_dir.symlink_to(models)

@@ -62,7 +62,7 @@ def _reads(cfg, this) -> list[tuple[type, dict]]:
     """The facts the steps read on this host whatever they find: one SSH session, not one each."""
     found = []
     if this.serves_ai or this.runs_gateway:
-        found += preflight.reads(cfg) + docker.reads()
+        found += preflight.reads(cfg) + docker.reads(cfg)
     if this.serves_ai:
         found += model.reads(cfg) + stack.reads(cfg) + model_change.reads(cfg)
     if this.writes_backstage:

@@ -9,17 +9,18 @@ source, no package). The bytes checked are the bytes pushed to the host's keyrin
 
 from __future__ import annotations
 
-import io
 import threading
 
 from pyinfra import host
 from pyinfra.facts.deb import DebPackages
-from pyinfra.operations import apt, files, server, systemd
+from pyinfra.operations import apt, server, systemd
 
-from backchat import openpgp, outcomes
+from backchat import openpgp, outcomes, own_files
 
-KEYRING = "/etc/apt/keyrings/docker.asc"
-SOURCE_FILE = "docker"  # /etc/apt/sources.list.d/docker.sources
+KEYRINGS_DIR = "/etc/apt/keyrings"
+KEYRING = f"{KEYRINGS_DIR}/docker.asc"
+SOURCE_FILE = "docker"
+SOURCE_PATH = f"/etc/apt/sources.list.d/{SOURCE_FILE}.sources"
 BASE_PACKAGES = ["ca-certificates", "curl"]
 DOCKER_CE_PACKAGES = [
     "docker-ce",
@@ -114,9 +115,19 @@ def trusted_key(cfg, os_id: str) -> str:
     return text
 
 
-def reads() -> list[tuple[type, dict]]:
+def reads(cfg) -> list[tuple[type, dict]]:
     """The facts ``install`` reads whatever it finds (``transport.read_ahead``)."""
-    return [(DebPackages, {})]
+    return [(DebPackages, {})] + ([own_files.reading(_repo_paths())] if cfg.docker_source == "docker" else [])
+
+
+def _repo_paths() -> list[str]:
+    return [KEYRINGS_DIR, KEYRING, SOURCE_PATH]
+
+
+def source_text(cfg, os_info: dict) -> str:
+    """Docker's repository as deb822, byte for byte what pyinfra's ``apt.sources_file`` writes."""
+    return (f"Types: deb\nURIs: {cfg.docker_repo_url}/{os_info['id']}\nSuites: {os_info['codename']}\n"
+            f"Components: stable\nArchitectures: {os_info['arch']}\nSigned-By: {KEYRING}\n")
 
 
 def install(cfg, os_info: dict) -> bool:
@@ -150,25 +161,29 @@ def install(cfg, os_info: dict) -> bool:
                 packages=conflicting(installed),
                 present=False,
             )
-        files.directory(name="Create the apt keyrings directory", path="/etc/apt/keyrings", mode="0755")
-        keyring = files.put(
+        # Read with the other steps' files in one command; pyinfra's files.put and
+        # apt.sources_file would read five facts, twice under -y, on every re-run.
+        seen = own_files.read(_repo_paths())
+        own_files.directory(name="Create the apt keyrings directory", path=KEYRINGS_DIR, seen=seen.get(KEYRINGS_DIR),
+                            mode="0755")
+        keyring = own_files.file(
             name="Install Docker's apt signing key (fingerprint checked)",
-            src=io.BytesIO(key.encode()),
-            dest=KEYRING,
-            user="root",
-            group="root",
-            mode="0644",
+            dest=KEYRING, content=key, seen=seen.get(KEYRING), mode="0644", user="root", group="root",
         )
-        source = apt.sources_file(
-            name="Add Docker's apt repository",
-            filename=SOURCE_FILE,
-            uris=f"{cfg.docker_repo_url}/{os_info['id']}",
-            suites=os_info["codename"],
-            components="stable",
-            architectures=os_info["arch"],
-            signed_by=KEYRING,
-        )
-        sources_changed = keyring.will_change or source.will_change
+        if own_files.is_current(seen.get(SOURCE_PATH), own_files.digest(source_text(cfg, os_info)), "0644"):
+            source = None
+            host.noop(f"{SOURCE_PATH} is up to date")
+        else:  # apt.sources_file also finds the same repository configured in another file
+            source = apt.sources_file(
+                name="Add Docker's apt repository",
+                filename=SOURCE_FILE,
+                uris=f"{cfg.docker_repo_url}/{os_info['id']}",
+                suites=os_info["codename"],
+                components="stable",
+                architectures=os_info["arch"],
+                signed_by=KEYRING,
+            )
+        sources_changed = keyring.will_change or (source is not None and source.will_change)
 
     if sources_changed:
         apt.update(name="Update apt lists with Docker's repository")

@@ -124,10 +124,16 @@ def _repo_paths() -> list[str]:
     return [KEYRINGS_DIR, KEYRING, SOURCE_PATH]
 
 
-def source_text(cfg, os_info: dict) -> str:
-    """Docker's repository as deb822, byte for byte what pyinfra's ``apt.sources_file`` writes."""
-    return (f"Types: deb\nURIs: {cfg.docker_repo_url}/{os_info['id']}\nSuites: {os_info['codename']}\n"
-            f"Components: stable\nArchitectures: {os_info['arch']}\nSigned-By: {KEYRING}\n")
+def source_fields(cfg, os_info: dict) -> dict[str, str]:
+    """Docker's repository, as ``apt.sources_file`` takes it."""
+    return {"uris": f"{cfg.docker_repo_url}/{os_info['id']}", "suites": os_info["codename"],
+            "components": "stable", "architectures": os_info["arch"], "signed_by": KEYRING}
+
+
+def source_text(fields: dict[str, str]) -> str:
+    """``fields`` as deb822, byte for byte what pyinfra's ``apt.sources_file`` writes."""
+    return (f"Types: deb\nURIs: {fields['uris']}\nSuites: {fields['suites']}\nComponents: {fields['components']}\n"
+            f"Architectures: {fields['architectures']}\nSigned-By: {fields['signed_by']}\n")
 
 
 def install(cfg, os_info: dict) -> bool:
@@ -170,19 +176,12 @@ def install(cfg, os_info: dict) -> bool:
             name="Install Docker's apt signing key (fingerprint checked)",
             dest=KEYRING, content=key, seen=seen.get(KEYRING), mode="0644", user="root", group="root",
         )
-        if own_files.is_current(seen.get(SOURCE_PATH), own_files.digest(source_text(cfg, os_info)), "0644"):
+        fields = source_fields(cfg, os_info)
+        if own_files.is_current(seen.get(SOURCE_PATH), own_files.digest(source_text(fields)), "0644"):
             source = None
             host.noop(f"{SOURCE_PATH} is up to date")
         else:  # apt.sources_file also finds the same repository configured in another file
-            source = apt.sources_file(
-                name="Add Docker's apt repository",
-                filename=SOURCE_FILE,
-                uris=f"{cfg.docker_repo_url}/{os_info['id']}",
-                suites=os_info["codename"],
-                components="stable",
-                architectures=os_info["arch"],
-                signed_by=KEYRING,
-            )
+            source = apt.sources_file(name="Add Docker's apt repository", filename=SOURCE_FILE, **fields)
         sources_changed = keyring.will_change or (source is not None and source.will_change)
 
     if sources_changed:

@@ -229,7 +229,6 @@ class ModelFile(FactBase):
                 elif name == f"{path}.part":
                     result["part_size"] = int(size)
             elif key == "marker" and rest.strip():
-                rest = rest.strip()
                 try:
                     result["marker"] = json.loads(rest)
                 except ValueError:

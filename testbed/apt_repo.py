@@ -101,6 +101,14 @@ def debian_deb(suite: str, package: str, into: Path) -> Path:
     return dest
 
 
+def cached_debian_deb(suite: str, package: str) -> Path:
+    """Debian's .deb of ``package`` in ``suite``, kept under ``CACHE/docker-repo/debian``."""
+    downloads = BUILD_CACHE / "debian"
+    downloads.mkdir(parents=True, exist_ok=True)
+    with flock(downloads / f".{suite}-{package}.lock"):
+        return debian_deb(suite, package, downloads)
+
+
 # --------------------------------------------------------------------------- rebuilding under Docker's names
 
 
@@ -192,12 +200,10 @@ def stand_in_debs(suite: str) -> list[Path]:
     with flock(BUILD_CACHE / f"{suite}-{key}.lock"):
         if dest.is_dir():
             return sorted(dest.glob("*.deb"))
-        downloads = BUILD_CACHE / "debian"
-        downloads.mkdir(parents=True, exist_ok=True)
         build = Path(tempfile.mkdtemp(prefix=f".build-{dest.name}-", dir=BUILD_CACHE))
         try:
             for name, parts in plan.items():
-                rebuild(name, suite, [(part_suite, debian_deb(part_suite, package, downloads)) for part_suite, package in parts], build)
+                rebuild(name, suite, [(part_suite, cached_debian_deb(part_suite, package)) for part_suite, package in parts], build)
             build.chmod(0o755)
             os.rename(build, dest)
         except BaseException:

@@ -35,6 +35,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -68,6 +69,7 @@ MAX_HOSTS = 100
 NETNS_PREFIX = "bc-"
 VETH_PREFIX = "bcv"
 APT_PROXY_PORT = 3142
+BRIDGE_MAC = "02:bc:00:00:00:01"  # locally administered
 
 LOCK_TIMEOUT = float(os.environ.get("BACKCHAT_TEST_LOCK_TIMEOUT", "1800"))
 HOST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -270,6 +272,7 @@ class _AptProxyHandler(http.server.BaseHTTPRequestHandler):
     """
 
     protocol_version = "HTTP/1.1"
+    timeout = 300  # an idle keep-alive connection (its host gone) does not hold a thread forever
     allowed_hosts: frozenset[str] = frozenset()
     hop_by_hop = frozenset(
         {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "upgrade"}
@@ -323,8 +326,10 @@ class AptProxy:
         except OSError:  # 3142 taken (e.g. a real apt-cacher-ng on *:3142): any port works
             self.server = _ProxyServer((bind, 0), handler)
         self.server.daemon_threads = True
-        self.url = f"http://{bind}:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, name="apt-proxy", daemon=True).start()
+        self.port = self.server.server_address[1]
+        self.url = f"http://{bind}:{self.port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, name="apt-proxy", daemon=True)
+        self.thread.start()
 
     def close(self) -> None:
         self.server.shutdown()
@@ -396,6 +401,7 @@ class _Network:
         self.slots: set[int] = set()
         self.mutex = threading.Lock()
         self._stack: contextlib.ExitStack | None = None
+        self.apt_proxy: AptProxy | None = None
         self.apt_proxy_url = ""
         self.key_path = ""
         self.public_key = ""
@@ -423,12 +429,15 @@ class _Network:
 
     def _start(self, stack: contextlib.ExitStack) -> None:
         HOSTS_DIR.mkdir(parents=True, exist_ok=True)
-        sh("ip", "link", "add", BRIDGE, "type", "bridge")
+        # A bridge without an address of its own takes its lowest port's, so the gateway's
+        # MAC would change as hosts come and go, under hosts that cached the old one.
+        sh("ip", "link", "add", BRIDGE, "address", BRIDGE_MAC, "type", "bridge")
         stack.callback(sh, "ip", "link", "del", BRIDGE, check=False)
         sh("ip", "addr", "add", f"{GATEWAY}/{PREFIX_LEN}", "dev", BRIDGE)
         sh("ip", "link", "set", BRIDGE, "up")
         proxy = AptProxy(GATEWAY)
         stack.callback(proxy.close)
+        self.apt_proxy = proxy
         self.apt_proxy_url = proxy.url
         # One key pair per session: it only ever opens throwaway hosts.
         key_dir = HOSTS_DIR / ".ssh"  # host names cannot start with a dot: no clash
@@ -601,7 +610,71 @@ class SandboxHost:
         Like any captured subprocess this waits for stdout/stderr to close: a command that
         leaves a daemon behind must redirect its output (``cmd >/dev/null 2>&1 &``).
         """
-        return sh(*self._in_host("sh", "-c", cmd), check=check, env=self._env())
+        try:
+            return sh(*self._in_host("sh", "-c", cmd), check=check, env=self._env())
+        except subprocess.CalledProcessError as exc:
+            if GATEWAY in (exc.stderr or "") and "connect" in exc.stderr:  # apt: "Could not connect to", ...
+                exc.add_note(self.network_report())
+            raise
+
+    def reaches_gateway(self, port: int, seconds: int = 3) -> bool:
+        """Whether a TCP connection from this host to the gateway's ``port`` opens."""
+        probe = f"timeout {seconds} bash -c '</dev/tcp/{GATEWAY}/{port}'"
+        return sh(*self._in_host("sh", "-c", probe), check=False, env=self._env()).returncode == 0
+
+    def wait_for_apt_proxy(self, timeout: float = 240) -> None:
+        """Return once this host's apt can reach the gateway's proxy.
+
+        Two CI runs saw a host's apt time out connecting to the proxy, which never happened
+        here. If it does, this says what the network looked like (as a warning in pytest's
+        summary when it comes back, in the error when it does not), then waits for it.
+        """
+        port = _network.apt_proxy.port if _network.apt_proxy else APT_PROXY_PORT
+        if self.reaches_gateway(port):
+            return
+        started, report = time.monotonic(), self.network_report()
+        while time.monotonic() - started < timeout:
+            if self.reaches_gateway(port):
+                warnings.warn(
+                    f"{self.name} could not reach the apt proxy for {time.monotonic() - started:.0f} s; "
+                    f"when it could not:\n{report}",
+                    stacklevel=2,
+                )
+                return
+            time.sleep(2)
+        raise TimeoutError(f"{self.name} cannot reach the apt proxy at {GATEWAY}:{port} ({timeout:.0f} s)\n{report}")
+
+    def network_report(self) -> str:
+        """What the host, the bridge and the apt proxy look like now, for a failure's message."""
+        proxy = _network.apt_proxy
+        port = proxy.port if proxy else APT_PROXY_PORT
+        ns = ("ip", "-n", self.netns)
+        views = {
+            "host addresses": [*ns, "-br", "addr"],
+            "host routes": [*ns, "route"],
+            "host neighbours": [*ns, "neigh"],
+            "host link": [*ns, "-s", "link", "show", "eth0"],
+            "bridge": ["ip", "link", "show", BRIDGE],
+            "bridge ports": ["bridge", "link", "show"],
+            "gateway neighbours": ["ip", "neigh", "show", "dev", BRIDGE],
+            "listening on the proxy's port (Recv-Q: connections not yet accepted)": ["ss", "-ltnp", f"sport = :{port}"],
+            "connections to the proxy": ["ss", "-tn", "state", "all", f"sport = :{port}"],
+            "iptables": ["iptables", "-S"],
+        }
+        lines = [f"--- network of {self.name} ({self.address}) ---"]
+        for title, argv in views.items():
+            try:
+                out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+                text = (out.stdout + out.stderr).strip()
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                text = str(exc)
+            lines.append(f"{title}:\n{text[-1500:]}")
+        threads = threading.enumerate()
+        lines.append(
+            f"apt proxy: {proxy.url if proxy else 'none'}, serving thread alive: {bool(proxy and proxy.thread.is_alive())}; "
+            f"threads in this process: {len(threads)}; open fds: {len(os.listdir('/proc/self/fd'))}"
+        )
+        return "\n".join(lines)
 
     def start_sshd(self) -> None:
         if self._sshd is not None and self._sshd.poll() is None:

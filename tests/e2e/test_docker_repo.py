@@ -18,11 +18,12 @@ controller fetches and checks the key.
 from __future__ import annotations
 
 import re
+import shutil
 
 import pytest
 
 from backchat import docker, settings
-from testbed.apt_repo import docker_repo
+from testbed.apt_repo import cached_debian_deb, docker_repo
 from testbed.deploy_runner import run_deploy, write_inventory
 from testbed.sandbox import GATEWAY
 
@@ -54,8 +55,13 @@ def docker_data(hub, repo, **overrides) -> list[str]:
 @pytest.fixture(scope="module")
 def first_run(fleet, hub, repo, tmp_path_factory):
     bookworm, trixie = fleet[:2]
-    # A package in the way of Docker's, really installed (Debian's runc): the deploy removes it.
-    bookworm.run("apt-get install -y -q --no-install-recommends runc >/dev/null")
+    # A package in the way of Docker's, really installed (Debian's runc, from the .deb the
+    # stand-in repository was built from): the deploy removes it.
+    runc = cached_debian_deb("bookworm", "runc")
+    shutil.copy(runc, bookworm.root / "tmp" / runc.name)
+    bookworm.run(f"dpkg -i /tmp/{runc.name} >/dev/null && rm /tmp/{runc.name}")
+    for host in (bookworm, trixie):  # the deploy installs Docker's dependencies from Debian's mirror
+        host.wait_for_apt_proxy()
     inventory = write_inventory(
         tmp_path_factory.mktemp("inv") / "inventory.py", {host.name: host.pyinfra_data() for host in (bookworm, trixie)}
     )

@@ -111,6 +111,27 @@ def test_apt_install_through_the_gateway_proxy(sandbox_factory) -> None:
         assert host.run("hello").stdout == "Hello, world!\n"
 
 
+def test_a_host_cut_off_from_the_apt_proxy_is_waited_for_and_described(sandbox_factory) -> None:
+    """wait_for_apt_proxy returns once the proxy answers again, with a warning that shows
+    the network as it was; if it never does, the error shows it. And apt's own failure to
+    reach the gateway carries the same description."""
+    [host] = sandbox_factory(["trixie"])
+    down, up = (f"ip -n {host.netns} link set eth0 {state}".split() for state in ("down", "up"))
+    subprocess.run(down, check=True)
+    try:
+        with pytest.raises(TimeoutError, match=r"(?s)cannot reach the apt proxy.*host link:.*state DOWN"):
+            host.wait_for_apt_proxy(timeout=3)
+        with pytest.raises(subprocess.CalledProcessError) as failed:
+            host.run("apt-get -q -o Acquire::Retries=0 install -y --no-install-recommends hello")
+        assert "apt proxy: http://" in "".join(failed.value.__notes__)
+        threading.Timer(3, subprocess.run, [up]).start()
+        with pytest.warns(UserWarning, match=r"(?s)could not reach the apt proxy for \d+ s.*state DOWN"):
+            host.wait_for_apt_proxy(timeout=60)
+    finally:
+        subprocess.run(up, check=True)
+    host.wait_for_apt_proxy(timeout=0)  # reachable: no wait, no warning
+
+
 def test_remote_commands_and_link_bytes_count_what_a_client_does(sandbox_factory) -> None:
     """What bench/noop_rerun.py and the no-op test count: every command sshd starts, each
     of them on one connection (pyinfra's way) or one per login; bytes both ways."""

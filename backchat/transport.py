@@ -316,9 +316,12 @@ def read_together(host, wanted: list[tuple[type, dict]]) -> list:
     """The values of ``wanted`` (fact class, keyword arguments) on ``host``, as
     ``host.get_fact`` gives each, in one command; a part that could not be read that way
     is read alone, so that pyinfra handles it (and says why) as usual."""
-    lines = host.get_fact(Together, facts=wanted)
-    return [value if read else host.get_fact(cls, **kwargs)
-            for (read, value), (cls, kwargs) in zip(Together.values(wanted, lines), wanted)]
+    return [value if read else host.get_fact(cls, **kwargs) for (read, value), (cls, kwargs) in _read_in_one(host, wanted)]
+
+
+def _read_in_one(host, wanted: list[tuple[type, dict]]):
+    """((read, value), (fact class, keyword arguments)) for each of ``wanted``, one command."""
+    return zip(Together.values(wanted, host.get_fact(Together, facts=wanted)), wanted)
 
 
 def read_ahead(host, wanted: list[tuple[type, dict]]) -> None:
@@ -333,11 +336,7 @@ def read_ahead(host, wanted: list[tuple[type, dict]]) -> None:
     if not wanted:
         return
     _answer_facts_read_ahead()
-    lines = host.get_fact(Together, facts=wanted)
-    host.backchat_read_ahead = {
-        _fact_key(cls, kwargs): value
-        for (read, value), (cls, kwargs) in zip(Together.values(wanted, lines), wanted) if read
-    }
+    host.backchat_read_ahead = {_fact_key(cls, kwargs): value for (read, value), (cls, kwargs) in _read_in_one(host, wanted) if read}
 
 
 def _answer_facts_read_ahead() -> None:

@@ -660,6 +660,7 @@ class SandboxHost:
             "listening on the proxy's port (Recv-Q: connections not yet accepted)": ["ss", "-ltnp", f"sport = :{port}"],
             "connections to the proxy": ["ss", "-tn", "state", "all", f"sport = :{port}"],
             "iptables": ["iptables", "-S"],
+            "kernel": ["uname", "-rv"],
         }
         lines = [f"--- network of {self.name} ({self.address}) ---"]
         for title, argv in views.items():

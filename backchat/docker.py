@@ -13,6 +13,7 @@ import threading
 
 from pyinfra import host
 from pyinfra.facts.deb import DebPackages
+from pyinfra.facts.systemd import SystemdEnabled, SystemdStatus
 from pyinfra.operations import apt, server, systemd
 
 from backchat import openpgp, outcomes, own_files
@@ -21,6 +22,10 @@ KEYRINGS_DIR = "/etc/apt/keyrings"
 KEYRING = f"{KEYRINGS_DIR}/docker.asc"
 SOURCE_FILE = "docker"
 SOURCE_PATH = f"/etc/apt/sources.list.d/{SOURCE_FILE}.sources"
+SERVICE = "docker.service"
+# The arguments pyinfra's systemd.service gives these facts, so that both read the same.
+_SERVICE_FACTS = [(fact, {"user_mode": False, "machine": None, "user_name": None, "services": [SERVICE]})
+                  for fact in (SystemdStatus, SystemdEnabled)]
 BASE_PACKAGES = ["ca-certificates", "curl"]
 DOCKER_CE_PACKAGES = [
     "docker-ce",
@@ -117,7 +122,8 @@ def trusted_key(cfg, os_id: str) -> str:
 
 def reads(cfg) -> list[tuple[type, dict]]:
     """The facts ``install`` reads whatever it finds (``transport.read_ahead``)."""
-    return [(DebPackages, {})] + ([own_files.reading(_repo_paths())] if cfg.docker_source == "docker" else [])
+    return ([(DebPackages, {})] + ([own_files.reading(_repo_paths())] if cfg.docker_source == "docker" else [])
+            + (_SERVICE_FACTS if cfg.start else []))
 
 
 def _repo_paths() -> list[str]:
@@ -195,5 +201,10 @@ def install(cfg, os_info: dict) -> bool:
         server.user(name=f"Let {user} use docker", user=user, groups=["docker"], append=True)
 
     if cfg.start:
-        systemd.service(name="Run Docker now and at boot", service="docker", running=True, enabled=True)
+        # Read with the other steps' files: systemd.service would read both again while executing.
+        running, enabled = (host.get_fact(fact, **kwargs).get(SERVICE) for fact, kwargs in _SERVICE_FACTS)
+        if running and enabled:
+            host.noop("Docker runs and starts at boot")
+        else:
+            systemd.service(name="Run Docker now and at boot", service=SERVICE, running=True, enabled=True)
     return True

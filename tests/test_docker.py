@@ -78,3 +78,26 @@ def test_a_key_the_controller_cannot_fetch_is_refused(mirror):
     cfg = make_cfg(docker_repo_url=f"{url}/elsewhere", docker_repo_key_fingerprint=KEY_A_FINGERPRINT)
     with pytest.raises(docker.KeyProblem, match="could not fetch the apt signing key .*/elsewhere/ubuntu/gpg from the controller.*404"):
         docker.trusted_key(cfg, "ubuntu")
+
+
+def test_the_service_facts_read_ahead_are_those_systemd_service_reads():
+    """With start = True the deploy reads Docker's service state with everything else and
+    queues systemd.service only when Docker is not running or not enabled: the facts it
+    reads ahead must be the very ones (class and arguments) systemd.service would read."""
+    from pyinfra.context import ctx_host
+    from pyinfra.operations import systemd
+
+    read = []
+
+    class Host:
+        def get_fact(self, fact, *args, **kwargs):
+            read.append((fact, kwargs))
+            return {docker.SERVICE: True}
+
+        def noop(self, message):
+            pass
+
+    with ctx_host.use(Host()):
+        assert list(systemd.service._inner(service=docker.SERVICE, running=True, enabled=True)) == []
+    assert read == docker.reads(make_cfg(start=True))[-2:]
+    assert not any(fact in dict(read) for fact, _ in docker.reads(make_cfg(start=False)))

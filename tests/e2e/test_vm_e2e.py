@@ -407,15 +407,36 @@ def test_deploy_brings_up_the_stack_and_it_answers(e2e: E2E) -> None:
     e2e.done.add("up")
 
 
+def ssh_sessions(vm: vmh.TestVM) -> int:
+    """Sessions the guest's sshd has logged (one per command, at VERBOSE), but this one."""
+    own_port = 'p=${SSH_CLIENT#* }; p=${p%% *}'
+    return int(vm.run(
+        f"{own_port}; journalctl -q -o cat -u ssh.service | grep 'Starting session: ' | grep -vc \"port $p id\"",
+        check=False,
+    ).stdout.strip() or 0)
+
+
+# A re-run of the default settings (start = True, a running stack) on the VM: the one
+# command that reads everything, then verify's. Measured: see test_rerun_changes_nothing.
+RERUN_COMMANDS_MAX = 4
+
+
 def test_rerun_changes_nothing_and_keeps_the_container(e2e: E2E) -> None:
     e2e.needs("up")
     before = container_id(e2e.vm, "llamacpp")
     assert before
+    # sshd logs each session it starts at VERBOSE (a reload keeps open sessions).
+    e2e.vm.write_file("/etc/ssh/sshd_config.d/zz-backchat-tests.conf", "LogLevel VERBOSE\n")
+    e2e.vm.run("systemctl reload ssh.service")
+    sessions = ssh_sessions(e2e.vm)
     run = deploy(e2e, "3-rerun")
+    commands = ssh_sessions(e2e.vm) - sessions - 1  # less the session that counted before
     e2e.phase("deploy 3 (re-run, no changes)", run.seconds)
     assert_no_changes(run, e2e)
     assert_verified(run, e2e)
     assert container_id(e2e.vm, "llamacpp") == before, "the re-run recreated the llamacpp container"
+    print(f"\n[vm-e2e] commands of the re-run on the host: {commands}", flush=True)
+    assert commands <= RERUN_COMMANDS_MAX, f"the re-run ran {commands} commands on the host (sshd's count)"
     e2e.done.add("idempotent")
 
 

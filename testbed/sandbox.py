@@ -401,8 +401,7 @@ class _Network:
         self.slots: set[int] = set()
         self.mutex = threading.Lock()
         self._stack: contextlib.ExitStack | None = None
-        self.apt_proxy: AptProxy | None = None
-        self.apt_proxy_url = ""
+        self.apt_proxy: AptProxy | None = None  # set while any host lives
         self.key_path = ""
         self.public_key = ""
 
@@ -438,7 +437,6 @@ class _Network:
         proxy = AptProxy(GATEWAY)
         stack.callback(proxy.close)
         self.apt_proxy = proxy
-        self.apt_proxy_url = proxy.url
         # One key pair per session: it only ever opens throwaway hosts.
         key_dir = HOSTS_DIR / ".ssh"  # host names cannot start with a dot: no clash
         key_dir.mkdir(mode=0o700)
@@ -555,7 +553,7 @@ class SandboxHost:
         (etc / "hostname").write_text(f"{self.name}\n")
         (etc / "hosts").write_text(f"127.0.0.1\tlocalhost\n{self.address}\t{self.name}\n")
         (etc / "apt/apt.conf.d/01proxy").write_text(
-            f'Acquire::http::Proxy "{_network.apt_proxy_url}";\n'
+            f'Acquire::http::Proxy "{_network.apt_proxy.url}";\n'
             # A CI run once saw one connect to the proxy time out (never reproduced): retry
             # a failed fetch rather than fail the test on a network blip.
             'Acquire::Retries "3";\n'
@@ -629,7 +627,7 @@ class SandboxHost:
         here. If it does, this says what the network looked like (as a warning in pytest's
         summary when it comes back, in the error when it does not), then waits for it.
         """
-        port = _network.apt_proxy.port if _network.apt_proxy else APT_PROXY_PORT
+        port = _network.apt_proxy.port
         if self.reaches_gateway(port):
             return
         started, report = time.monotonic(), self.network_report()
@@ -647,7 +645,6 @@ class SandboxHost:
     def network_report(self) -> str:
         """What the host, the bridge and the apt proxy look like now, for a failure's message."""
         proxy = _network.apt_proxy
-        port = proxy.port if proxy else APT_PROXY_PORT
         ns = ("ip", "-n", self.netns)
         views = {
             "host addresses": [*ns, "-br", "addr"],
@@ -657,8 +654,8 @@ class SandboxHost:
             "bridge": ["ip", "link", "show", BRIDGE],
             "bridge ports": ["bridge", "link", "show"],
             "gateway neighbours": ["ip", "neigh", "show", "dev", BRIDGE],
-            "listening on the proxy's port (Recv-Q: connections not yet accepted)": ["ss", "-ltnp", f"sport = :{port}"],
-            "connections to the proxy": ["ss", "-tn", "state", "all", f"sport = :{port}"],
+            "listening on the proxy's port (Recv-Q: connections not yet accepted)": ["ss", "-ltnp", f"sport = :{proxy.port}"],
+            "connections to the proxy": ["ss", "-tn", "state", "all", f"sport = :{proxy.port}"],
             "iptables": ["iptables", "-S"],
             "kernel": ["uname", "-rv"],
         }
@@ -670,10 +667,9 @@ class SandboxHost:
             except (OSError, subprocess.TimeoutExpired) as exc:
                 text = str(exc)
             lines.append(f"{title}:\n{text[-1500:]}")
-        threads = threading.enumerate()
         lines.append(
-            f"apt proxy: {proxy.url if proxy else 'none'}, serving thread alive: {bool(proxy and proxy.thread.is_alive())}; "
-            f"threads in this process: {len(threads)}; open fds: {len(os.listdir('/proc/self/fd'))}"
+            f"apt proxy: {proxy.url}, serving thread alive: {proxy.thread.is_alive()}; "
+            f"threads in this process: {threading.active_count()}; open fds: {len(os.listdir('/proc/self/fd'))}"
         )
         return "\n".join(lines)
 

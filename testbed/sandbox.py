@@ -490,6 +490,12 @@ def _cleanup_stale_locked() -> None:
             sh("ip", "link", "del", ifname, check=False)
 
 
+def cannot_reach_gateway(output: str) -> bool:
+    """Whether a command's output says it could not connect to the gateway (apt: "Could not
+    connect to", "Cannot initiate the connection to", ...)."""
+    return GATEWAY in output and "connect" in output
+
+
 # --------------------------------------------------------------------------- hosts
 
 
@@ -611,14 +617,13 @@ class SandboxHost:
         try:
             return sh(*self._in_host("sh", "-c", cmd), check=check, env=self._env())
         except subprocess.CalledProcessError as exc:
-            if GATEWAY in (exc.stderr or "") and "connect" in exc.stderr:  # apt: "Could not connect to", ...
+            if cannot_reach_gateway(exc.stderr or ""):
                 exc.add_note(self.network_report())
             raise
 
     def reaches_gateway(self, port: int, seconds: int = 3) -> bool:
         """Whether a TCP connection from this host to the gateway's ``port`` opens."""
-        probe = f"timeout {seconds} bash -c '</dev/tcp/{GATEWAY}/{port}'"
-        return sh(*self._in_host("sh", "-c", probe), check=False, env=self._env()).returncode == 0
+        return self.run(f"timeout {seconds} bash -c '</dev/tcp/{GATEWAY}/{port}'", check=False).returncode == 0
 
     def wait_for_apt_proxy(self, timeout: float = 240) -> None:
         """Return once this host's apt can reach the gateway's proxy.

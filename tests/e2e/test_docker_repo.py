@@ -26,7 +26,7 @@ import pytest
 from backchat import docker, settings
 from testbed.apt_repo import cached_debian_deb, docker_repo
 from testbed.deploy_runner import run_deploy, write_inventory
-from testbed.sandbox import GATEWAY
+from testbed.sandbox import GATEWAY, cannot_reach_gateway
 
 # The Hub stand-in and the model fixtures of the other real-host deploys (step 2 needs them).
 from tests.e2e.test_realhosts import NOOP_COMMANDS_MAX, deploy_data, hub, model_bytes  # noqa: F401  (fixtures)
@@ -67,7 +67,7 @@ def first_run(fleet, hub, repo, tmp_path_factory):
         tmp_path_factory.mktemp("inv") / "inventory.py", {host.name: host.pyinfra_data() for host in (bookworm, trixie)}
     )
     run = run_deploy(inventory, *docker_data(hub, repo))
-    if run.returncode and GATEWAY in run.stderr:  # what stop 23's CI saw, should it come back here
+    if run.returncode and cannot_reach_gateway(run.stderr):  # what stop 23's CI saw, should it come back here
         run = dataclasses.replace(run, stderr=run.stderr[-1500:] + "".join(h.network_report() for h in (bookworm, trixie)))
     return inventory, run
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 import threading
 
 from pyinfra import host
-from pyinfra.facts.deb import DebPackages
 from pyinfra.facts.systemd import SystemdEnabled, SystemdStatus
 from pyinfra.operations import apt, server, systemd
 
 from backchat import openpgp, outcomes, own_files
+from backchat.facts import InstalledPackages
 
 KEYRINGS_DIR = "/etc/apt/keyrings"
 KEYRING = f"{KEYRINGS_DIR}/docker.asc"
@@ -44,6 +44,10 @@ DISTRIBUTION_PACKAGES = {
 }
 # Installed by other recipes and in the way of docker-ce (same files, other versions).
 CONFLICTING_PACKAGES = ["docker.io", "docker-doc", "docker-compose", "podman-docker", "containerd", "runc"]
+# Every name install() asks dpkg about, whatever the source and the distribution: one
+# question, read with the other steps' facts before the host's OS is known.
+_PACKAGES_ASKED = {"names": sorted({*BASE_PACKAGES, *DOCKER_CE_PACKAGES, *CONFLICTING_PACKAGES,
+                                    *(name for names in DISTRIBUTION_PACKAGES.values() for name in names)})}
 
 
 def packages_for(source: str, os_id: str) -> list[str]:
@@ -122,7 +126,7 @@ def trusted_key(cfg, os_id: str) -> str:
 
 def reads(cfg) -> list[tuple[type, dict]]:
     """The facts ``install`` reads whatever it finds (``transport.read_ahead``)."""
-    return ([(DebPackages, {})] + ([own_files.reading(_repo_paths())] if cfg.docker_source == "docker" else [])
+    return ([(InstalledPackages, _PACKAGES_ASKED)] + ([own_files.reading(_repo_paths())] if cfg.docker_source == "docker" else [])
             + (_SERVICE_FACTS if cfg.start else []))
 
 
@@ -155,9 +159,9 @@ def install(cfg, os_info: dict) -> bool:
             outcomes.refuse_host(str(problem))
             return False
     wanted = packages_for(cfg.docker_source, os_info["id"])
-    # Read once (it was read three times a run): the apt operations below are
-    # queued only for what is missing or in the way, so they never read it again.
-    installed = host.get_fact(DebPackages)
+    # Read once, for the names above only: the apt operations below are queued only for
+    # what is missing or in the way (they read dpkg's whole list then, not on a re-run).
+    installed = host.get_fact(InstalledPackages, **_PACKAGES_ASKED)
     sources_changed = False
 
     # curl fetches the model in step 2 (with resume). apt-get update only

@@ -6,12 +6,14 @@ import subprocess
 import psutil
 import pytest
 from pyinfra.api import FactBase
+from pyinfra.facts.deb import DebPackages
 from pyinfra.facts.files import FileContents
 
 from backchat.facts import (
     ComposeStack,
     FreeDiskBytes,
     HostBasics,
+    InstalledPackages,
     ModelFile,
     PathStates,
     PhysicalCores,
@@ -299,3 +301,40 @@ def test_facts_read_together_are_what_each_reads_alone(tmp_path):
             assert value == run_fact_here(cls(), **kwargs), cls
         else:
             assert value is None
+
+
+# A dpkg database (dpkg-query and dpkg -l read $DPKG_ADMINDIR) with each state that counts or
+# not: installed, held, config files only, half-configured, and one name in two architectures.
+def dpkg_status(multi_arch: str = "Multi-Arch: same\n") -> str:
+    return "".join(
+        f"Package: {name}\nStatus: {status}\nMaintainer: x\nArchitecture: {arch}\n{extra}Version: {version}\n"
+        "Description: x\n\n"
+        for name, status, arch, version, extra in (
+            ("curl", "install ok installed", "amd64", "8.14.1-2", ""),
+            ("docker.io", "hold ok installed", "amd64", "26.1.5+dfsg1-9+b9", ""),
+            ("runc", "deinstall ok config-files", "amd64", "1.1.15+ds1-2", ""),
+            ("containerd", "install ok half-configured", "amd64", "1.7.24~ds1-6", ""),
+            ("libfoo", "install ok installed", "i386", "1.0", multi_arch),
+            ("libfoo", "install ok installed", "amd64", "1.0", multi_arch),
+        )
+    )
+
+
+def test_installed_packages_says_of_its_names_what_dpkg_l_says(tmp_path, monkeypatch):
+    (tmp_path / "status").write_text(dpkg_status())
+    (tmp_path / "updates").mkdir()
+    monkeypatch.setenv("DPKG_ADMINDIR", str(tmp_path))
+    names = ["curl", "docker.io", "runc", "containerd", "libfoo", "no-such-package"]
+    # run_fact_here checks the exit status: a name dpkg does not know is an answer, not a failure.
+    asked = run_fact_here(InstalledPackages(), names=names)
+    assert asked == {name: versions for name, versions in run_fact_here(DebPackages()).items() if name in names}
+    assert set(asked) == {"curl", "docker.io", "libfoo"}
+
+
+def test_installed_packages_fails_when_dpkg_cannot_answer(tmp_path, monkeypatch):
+    # Two instances of a name without Multi-Arch: dpkg-query refuses the database (exit 2).
+    (tmp_path / "status").write_text(dpkg_status(multi_arch=""))
+    (tmp_path / "updates").mkdir()
+    monkeypatch.setenv("DPKG_ADMINDIR", str(tmp_path))
+    command = InstalledPackages().command(names=["curl"])
+    assert subprocess.run(command, shell=True, capture_output=True).returncode != 0

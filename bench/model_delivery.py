@@ -103,12 +103,38 @@ def timed_push(bench: Bench, host, name: str, env: dict | None = None) -> tuple[
     return float(found[0][0]), found[0][1]
 
 
+def push_vs_curl(bench: Bench, host, url: str, name: str, mb: float, rounds: int, say, label: str = "") -> None:
+    """Figure 3's ratio: push and curl take turns (the machine's other load shifts within
+    seconds), and their medians are compared."""
+    pushes, curls, ways = [], [], set()
+    for _ in range(rounds):
+        curls.append(timed_on_host(host, f"curl -fsSL -o /var/tmp/plain {url}"))
+        host.run("rm -f /var/tmp/plain")
+        seconds, way = timed_push(bench, host, name)
+        pushes.append(seconds)
+        ways.add(way)
+    push, curl = statistics.median(pushes), statistics.median(curls)
+    say(
+        f"{label}controller: push alone (one host, over {', '.join(sorted(ways))}; median of {rounds})",
+        f"{push:.2f}s, {mb / push:.0f} MB/s ({', '.join(f'{t:.2f}' for t in pushes)})",
+    )
+    say(
+        f"{label}plain curl from the controller's server to the host (median of {rounds})",
+        f"{curl:.2f}s, {mb / curl:.0f} MB/s ({', '.join(f'{t:.2f}' for t in curls)})",
+    )
+    say(f"{label}controller: ratio push / plain curl from the controller", f"{curl / push:.2f} (goal >= 0.8)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--big-mb", type=int, default=1024)
     parser.add_argument("--small-mb", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3, help="push / curl rounds for figure 3 (medians)")
     parser.add_argument("--push-only", action="store_true", help="one host, only the controller push vs curl")
+    parser.add_argument(
+        "--link-mbit", type=int, nargs="*", default=[], metavar="MBIT",
+        help="figure 3 again with the host's link capped at each rate (e.g. 1000 2500: 1 and 2.5 GbE)",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root (sandbox hosts: mounts, network namespaces)")
@@ -200,33 +226,21 @@ def main() -> None:
             say("plain curl + sha256sum on the host", f"{curl_sha:.2f}s, {mb / curl_sha:.0f} MB/s")
             say("hub: ratio deploy / plain curl", f"{curl / delivery:.2f} (vs curl + sha256sum: {curl_sha / delivery:.2f})")
 
-        # Push and curl take turns (the machine's other load shifts within seconds); medians.
         host = hosts[-1]
-        cdn = mirror.url(REPO, big_name, host=GATEWAY)
-        pushes, curls, ways, paramiko_pushes = [], [], set(), []
-        for _ in range(args.rounds):
-            curls.append(timed_on_host(host, f"curl -fsSL -o /var/tmp/plain {cdn}"))
-            host.run("rm -f /var/tmp/plain")
-            seconds, way = timed_push(bench, host, big_name)
-            pushes.append(seconds)
-            ways.add(way)
+        push_vs_curl(bench, host, mirror.url(REPO, big_name, host=GATEWAY), big_name, mb, args.rounds, say)
         seconds, _way = timed_push(bench, host, big_name, {"BACKCHAT_SSH": "none"})
-        paramiko_pushes.append(seconds)
+        say("controller: the same push over paramiko (BACKCHAT_SSH=none)", f"{seconds:.2f}s, {mb / seconds:.0f} MB/s")
         _, noop_seconds = bench.deploy([host], big_name, "/opt/m-controller", model_source="controller")
         host.run("rm -rf /opt/m-controller")
         run, whole = bench.deploy([host], big_name, "/opt/m-controller", model_source="controller")
-        push, curl = statistics.median(pushes), statistics.median(curls)
-        say(
-            f"controller: push alone (one host, over {', '.join(sorted(ways))}; median of {args.rounds})",
-            f"{push:.2f}s, {mb / push:.0f} MB/s ({', '.join(f'{t:.2f}' for t in pushes)})",
-        )
-        say("controller: the same push over paramiko (BACKCHAT_SSH=none)", f"{paramiko_pushes[0]:.2f}s, {mb / paramiko_pushes[0]:.0f} MB/s")
         say("controller: push + host sha256 (its run minus a no-op run)", f"{whole - noop_seconds:.2f}s, {mb / (whole - noop_seconds):.0f} MB/s")
-        say(
-            f"plain curl from the controller's server to the host (median of {args.rounds})",
-            f"{curl:.2f}s, {mb / curl:.0f} MB/s ({', '.join(f'{t:.2f}' for t in curls)})",
-        )
-        say("controller: ratio push / plain curl from the controller", f"{curl / push:.2f} (goal >= 0.8)")
+        for mbit in args.link_mbit:
+            print(f"\n3b. the same, the host's link capped at {mbit} Mbit/s", flush=True)
+            host.limit_link(mbit)
+            try:
+                push_vs_curl(bench, host, mirror.url(REPO, big_name, host=GATEWAY), big_name, mb, args.rounds, say, f"{mbit} Mbit/s link: ")
+            finally:
+                host.limit_link(None)
 
     print("\nfigures:")
     for label, value in figures:

@@ -702,6 +702,17 @@ class SandboxHost:
         log_text = (self.dir / "sshd.log").read_text(errors="replace")
         return log_text.count("Starting session: ")
 
+    def limit_link(self, mbit: int | None) -> None:
+        """Cap what the controller sends this host at ``mbit`` Mbit/s (a token bucket on the
+        bridge's end of its link, as a LAN's switch port would), or lift the cap (None)."""
+        veth = f"{VETH_PREFIX}{self.slot}"
+        if mbit is None:
+            sh("tc", "qdisc", "del", "dev", veth, "root", check=False)
+            return
+        # A burst of a millisecond at that rate, and never less than one 64 KiB GSO segment.
+        burst = max(64 * 1024, mbit * 1000 * 1000 // 8 // 1000)
+        sh("tc", "qdisc", "replace", "dev", veth, "root", "tbf", "rate", f"{mbit}mbit", "burst", str(burst), "latency", "50ms")
+
     def link_bytes(self) -> int:
         """Bytes through the host's network link so far, both ways (TCP/IP headers included)."""
         stats = Path(f"/sys/class/net/{VETH_PREFIX}{self.slot}/statistics")

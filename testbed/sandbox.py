@@ -702,6 +702,12 @@ class SandboxHost:
         log_text = (self.dir / "sshd.log").read_text(errors="replace")
         return log_text.count("Starting session: ")
 
+    def sshd_cpu(self) -> float:
+        """CPU seconds of the sessions this host's sshd has reaped so far: every connection,
+        its session and whatever command it ran (a session still open is not counted)."""
+        fields = Path(f"/proc/{self._sshd.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")  # cutime + cstime
+
     def limit_link(self, mbit: int | None) -> None:
         """Cap what the controller sends this host at ``mbit`` Mbit/s (a token bucket on the
         bridge's end of its link, as a LAN's switch port would), or lift the cap (None)."""

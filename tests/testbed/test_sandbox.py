@@ -155,3 +155,39 @@ def test_remote_commands_and_link_bytes_count_what_a_client_does(sandbox_factory
     finally:
         client.close()
     assert host.remote_commands() - commands == 3
+
+
+def test_sshd_cpu_counts_what_the_hosts_sessions_used(sandbox_factory) -> None:
+    """What bench/noop_rerun.py reports as each host's own CPU: a command's CPU shows once its session has ended."""
+    [host] = sandbox_factory(["trixie"])
+    before = host.sshd_cpu()
+    ssh(host, "i=0; while [ $i -lt 300000 ]; do i=$((i + 1)); done")  # a few tenths of a second of the shell's CPU
+    time.sleep(0.5)  # sshd reaps the session after the client has gone
+    assert host.sshd_cpu() - before >= 0.05
+
+
+def test_a_capped_link_carries_no_more_than_its_cap(sandbox_factory, tmp_path: Path) -> None:
+    """bench/model_delivery.py --link-mbit: the cap holds (whatever the machine's load, nothing is faster than it),
+    and lifting it lets the bytes through at the machine's speed again."""
+    [host] = sandbox_factory(["trixie"])
+    (tmp_path / "blob").write_bytes(bytes(4 * 1024 * 1024))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=tmp_path)
+    server = http.server.ThreadingHTTPServer((GATEWAY, 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://{GATEWAY}:{server.server_address[1]}/blob"
+
+    def bytes_per_second() -> float:
+        return float(host.run(f"curl -fsS -o /dev/null -w '%{{speed_download}}' {url}").stdout)
+
+    try:
+        host.limit_link(16)  # 2 MB/s
+        try:
+            capped = bytes_per_second()
+        finally:
+            host.limit_link(None)
+        free = bytes_per_second()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert capped <= 2.2e6, f"{capped:.0f} B/s through a 16 Mbit/s cap"
+    assert free > 4 * capped, f"{free:.0f} B/s after the cap was lifted, {capped:.0f} B/s under it"

@@ -226,8 +226,8 @@ def main() -> None:
             say("plain curl + sha256sum on the host", f"{curl_sha:.2f}s, {mb / curl_sha:.0f} MB/s")
             say("hub: ratio deploy / plain curl", f"{curl / delivery:.2f} (vs curl + sha256sum: {curl_sha / delivery:.2f})")
 
-        host = hosts[-1]
-        push_vs_curl(bench, host, mirror.url(REPO, big_name, host=GATEWAY), big_name, mb, args.rounds, say)
+        host, cdn = hosts[-1], mirror.url(REPO, big_name, host=GATEWAY)
+        push_vs_curl(bench, host, cdn, big_name, mb, args.rounds, say)
         seconds, _way = timed_push(bench, host, big_name, {"BACKCHAT_SSH": "none"})
         say("controller: the same push over paramiko (BACKCHAT_SSH=none)", f"{seconds:.2f}s, {mb / seconds:.0f} MB/s")
         _, noop_seconds = bench.deploy([host], big_name, "/opt/m-controller", model_source="controller")
@@ -238,7 +238,7 @@ def main() -> None:
             print(f"\n3b. the same, the host's link capped at {mbit} Mbit/s", flush=True)
             host.limit_link(mbit)
             try:
-                push_vs_curl(bench, host, mirror.url(REPO, big_name, host=GATEWAY), big_name, mb, args.rounds, say, f"{mbit} Mbit/s link: ")
+                push_vs_curl(bench, host, cdn, big_name, mb, args.rounds, say, f"{mbit} Mbit/s link: ")
             finally:
                 host.limit_link(None)
 

@@ -36,6 +36,7 @@ sys.path.insert(0, str(PROJECT))
 from testbed import frontdoor as fd  # noqa: E402
 from testbed.llama_server import LlamaServer  # noqa: E402
 from testbed.real_model import real_model  # noqa: E402
+from testbed.sandbox import proc_stat  # noqa: E402
 
 KEY = "sk-bench-frontdoor-0123456789"
 QUESTION = "Who was the president of the United States in 1997?"
@@ -46,7 +47,7 @@ TICK = os.sysconf("SC_CLK_TCK")
 def tree_cpu(pid: int) -> float:
     """CPU seconds (user + system) used so far by a process and its running descendants."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = proc_stat(pid)
         children = [int(child) for task in Path(f"/proc/{pid}/task").iterdir()
                     for child in (task / "children").read_text().split()]
     except FileNotFoundError:  # gone meanwhile

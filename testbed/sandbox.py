@@ -171,9 +171,16 @@ def _kill(pids: set[int]) -> None:
             return
 
 
+def proc_stat(pid: int) -> list[str]:
+    """/proc/PID/stat's fields after the command name (which may hold spaces and parentheses):
+    [0] the state, [11] and [12] user and system time, [13] and [14] those of reaped children,
+    in clock ticks (``os.sysconf("SC_CLK_TCK")``)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def _is_zombie(pid: int) -> bool:
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+        return proc_stat(pid)[0] == "Z"
     except (OSError, IndexError):
         return True
 
@@ -570,8 +577,13 @@ class SandboxHost:
         (ssh_dir / "authorized_keys").chmod(0o600)
         (self.root / "run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privsep dir
 
+    @property
+    def _veth(self) -> str:
+        """The bridge's end of this host's link (its other end is eth0 in the host)."""
+        return f"{VETH_PREFIX}{self.slot}"
+
     def _wire_network(self) -> None:
-        veth = f"{VETH_PREFIX}{self.slot}"
+        veth = self._veth
         sh("ip", "netns", "add", self.netns)
         # Deleting the namespace deletes eth0 and with it the veth's bridge end.
         sh("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", self.netns)
@@ -705,23 +717,22 @@ class SandboxHost:
     def sshd_cpu(self) -> float:
         """CPU seconds of the sessions this host's sshd has reaped so far: every connection,
         its session and whatever command it ran (a session still open is not counted)."""
-        fields = Path(f"/proc/{self._sshd.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")  # cutime + cstime
+        fields = proc_stat(self._sshd.pid)
+        return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
 
     def limit_link(self, mbit: int | None) -> None:
         """Cap what the controller sends this host at ``mbit`` Mbit/s (a token bucket on the
         bridge's end of its link, as a LAN's switch port would), or lift the cap (None)."""
-        veth = f"{VETH_PREFIX}{self.slot}"
         if mbit is None:
-            sh("tc", "qdisc", "del", "dev", veth, "root", check=False)
+            sh("tc", "qdisc", "del", "dev", self._veth, "root", check=False)
             return
         # A burst of a millisecond at that rate, and never less than one 64 KiB GSO segment.
         burst = max(64 * 1024, mbit * 1000 * 1000 // 8 // 1000)
-        sh("tc", "qdisc", "replace", "dev", veth, "root", "tbf", "rate", f"{mbit}mbit", "burst", str(burst), "latency", "50ms")
+        sh("tc", "qdisc", "replace", "dev", self._veth, "root", "tbf", "rate", f"{mbit}mbit", "burst", str(burst), "latency", "50ms")
 
     def link_bytes(self) -> int:
         """Bytes through the host's network link so far, both ways (TCP/IP headers included)."""
-        stats = Path(f"/sys/class/net/{VETH_PREFIX}{self.slot}/statistics")
+        stats = Path(f"/sys/class/net/{self._veth}/statistics")
         return sum(int((stats / name).read_text()) for name in ("rx_bytes", "tx_bytes"))
 
     def stop_sshd(self) -> None:

@@ -320,10 +320,14 @@ def dpkg_status(multi_arch: str = "Multi-Arch: same\n") -> str:
     )
 
 
+def use_dpkg_database(directory, monkeypatch, status: str) -> None:
+    (directory / "status").write_text(status)
+    (directory / "updates").mkdir()
+    monkeypatch.setenv("DPKG_ADMINDIR", str(directory))
+
+
 def test_installed_packages_says_of_its_names_what_dpkg_l_says(tmp_path, monkeypatch):
-    (tmp_path / "status").write_text(dpkg_status())
-    (tmp_path / "updates").mkdir()
-    monkeypatch.setenv("DPKG_ADMINDIR", str(tmp_path))
+    use_dpkg_database(tmp_path, monkeypatch, dpkg_status())
     names = ["curl", "docker.io", "runc", "containerd", "libfoo", "no-such-package"]
     # run_fact_here checks the exit status: a name dpkg does not know is an answer, not a failure.
     asked = run_fact_here(InstalledPackages(), names=names)
@@ -333,8 +337,6 @@ def test_installed_packages_says_of_its_names_what_dpkg_l_says(tmp_path, monkeyp
 
 def test_installed_packages_fails_when_dpkg_cannot_answer(tmp_path, monkeypatch):
     # Two instances of a name without Multi-Arch: dpkg-query refuses the database (exit 2).
-    (tmp_path / "status").write_text(dpkg_status(multi_arch=""))
-    (tmp_path / "updates").mkdir()
-    monkeypatch.setenv("DPKG_ADMINDIR", str(tmp_path))
+    use_dpkg_database(tmp_path, monkeypatch, dpkg_status(multi_arch=""))
     command = InstalledPackages().command(names=["curl"])
     assert subprocess.run(command, shell=True, capture_output=True).returncode != 0

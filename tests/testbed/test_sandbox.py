@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import http.server
 import re
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,6 +27,19 @@ def ssh(host: SandboxHost, *argv: str) -> str:
     return subprocess.run(
         host.ssh_command(*argv), capture_output=True, text=True, check=True, timeout=60
     ).stdout
+
+
+@contextlib.contextmanager
+def serving(directory: Path) -> Iterator[str]:
+    """An HTTP server on the gateway for ``directory``'s files; yields its base URL."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=directory)
+    server = http.server.ThreadingHTTPServer((GATEWAY, 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://{GATEWAY}:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def netns_names() -> set[str]:
@@ -44,16 +59,9 @@ def test_hosts_over_ssh_http_and_pyinfra_then_nothing_left(tmp_path: Path) -> No
 
         # A host reaches a server the test binds on the gateway.
         (tmp_path / "hello.txt").write_text("hello from the controller\n")
-        handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=tmp_path)
-        server = http.server.ThreadingHTTPServer((GATEWAY, 0), handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        try:
-            url = f"http://{GATEWAY}:{server.server_address[1]}/hello.txt"
+        with serving(tmp_path) as base:
             for host in hosts:
-                assert host.run(f"curl -fsS {url}").stdout == "hello from the controller\n"
-        finally:
-            server.shutdown()
-            server.server_close()
+                assert host.run(f"curl -fsS {base}/hello.txt").stdout == "hello from the controller\n"
 
         # pyinfra's own CLI connects to both with the data the harness hands out.
         inventory = tmp_path / "inventory.py"
@@ -171,23 +179,16 @@ def test_a_capped_link_carries_no_more_than_its_cap(sandbox_factory, tmp_path: P
     and lifting it lets the bytes through at the machine's speed again."""
     [host] = sandbox_factory(["trixie"])
     (tmp_path / "blob").write_bytes(bytes(4 * 1024 * 1024))
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=tmp_path)
-    server = http.server.ThreadingHTTPServer((GATEWAY, 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://{GATEWAY}:{server.server_address[1]}/blob"
+    with serving(tmp_path) as base:
 
-    def bytes_per_second() -> float:
-        return float(host.run(f"curl -fsS -o /dev/null -w '%{{speed_download}}' {url}").stdout)
+        def bytes_per_second() -> float:
+            return float(host.run(f"curl -fsS -o /dev/null -w '%{{speed_download}}' {base}/blob").stdout)
 
-    try:
         host.limit_link(16)  # 2 MB/s
         try:
             capped = bytes_per_second()
         finally:
             host.limit_link(None)
         free = bytes_per_second()
-    finally:
-        server.shutdown()
-        server.server_close()
     assert capped <= 2.2e6, f"{capped:.0f} B/s through a 16 Mbit/s cap"
     assert free > 4 * capped, f"{free:.0f} B/s after the cap was lifted, {capped:.0f} B/s under it"
